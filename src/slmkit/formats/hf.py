@@ -1,0 +1,92 @@
+"""Hugging Face folders: config.json + safetensors (single or sharded) + tokenizer files, in and out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..config import ModelConfig
+from ..errors import ModelFileError
+from .keys import hf_to_slm, slm_to_hf
+
+
+def read_hf_config(folder: Path) -> ModelConfig:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelFileError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        return ModelConfig.from_hf(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path}: invalid JSON ({e})") from None
+    except KeyError as e:
+        raise ModelFileError(f"{path}: missing required field {e}") from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ModelFileError(f"{folder}: shard(s) listed in the index are missing: {', '.join(missing)}")
+        return [folder / s for s in shards]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if bins:
+        return bins
+    raise ModelFileError(f"{folder}: no model.safetensors, sharded index or pytorch_model.bin")
+
+
+def read_hf_state_dict(folder: Path, family: str) -> dict[str, torch.Tensor]:
+    """All weights of the folder, renamed to slmkit's keys."""
+    state = {}
+    for f in _weight_files(folder):
+        try:
+            tensors = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, weights_only=True)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ModelFileError(f"{f}: cannot read weights ({str(e).splitlines()[0]})") from None
+        for k, v in tensors.items():
+            state[hf_to_slm(k, family)] = v
+    return state
+
+
+def write_hf(folder: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer=None,
+             generation_config: dict | None = None) -> Path:
+    """Write an HF folder atomically: everything goes to a temporary sibling, then is renamed into place."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        hf_state = {slm_to_hf(k, cfg.family): v.detach().contiguous().cpu() for k, v in state.items()
+                    if not (cfg.tie_word_embeddings and k.startswith("lm_head."))}
+        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf_cfg = cfg.to_hf()
+        hf_cfg["dtype"] = str(next(iter(hf_state.values())).dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+               **(generation_config or {})}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if folder.exists():
+            if not folder.is_dir():
+                raise ModelFileError(f"{folder}: exists and is not a folder")
+            backup = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(folder, backup)
+            os.replace(tmp, folder)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

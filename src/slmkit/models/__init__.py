@@ -1,0 +1,1 @@
+"""Model classes: one per shape, variants by config flags."""

@@ -1,0 +1,136 @@
+"""The decoder-only transformer: Llama / SmolLM2 / TinyLlama, Phi, Qwen2 and Gemma 3 by config flags.
+
+One block, two residual wirings::
+
+    sequential (Llama, Qwen2, Gemma):           parallel (Phi):
+      x = x + [post_attn_norm](attn(attn_norm x))     h = attn_norm x
+      x = x + [post_ffn_norm](mlp(ffn_norm x))        x = x + attn(h) + mlp(h)
+
+The bracketed norms exist only with ``sandwich_norm`` (Gemma 3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..nn.attention import Attention
+from ..nn.mlp import GatedMLP, PlainMLP
+from ..nn.norms import make_norm
+from ..nn.rope import inv_frequencies, rope_cos_sin
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.index, self.parallel = index, cfg.parallel_residual
+        self.sliding = cfg.is_sliding(index)
+
+        def norm():
+            return make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps, cfg.norm_bias, cfg.norm_unit_offset)
+
+        self.attn_norm = norm()
+        self.attn = Attention(cfg)
+        mlp_cls = GatedMLP if cfg.mlp == "gated" else PlainMLP
+        self.mlp = mlp_cls(cfg.hidden_size, cfg.intermediate_size, cfg.activation, cfg.mlp_bias)
+        self.ffn_norm = None if cfg.parallel_residual else norm()
+        self.post_attn_norm = norm() if cfg.sandwich_norm else None
+        self.post_ffn_norm = norm() if cfg.sandwich_norm else None
+
+    def forward(self, x, cos, sin, mask, cache=None, start: int = 0) -> torch.Tensor:
+        h = self.attn_norm(x)
+        a = self.attn(h, cos, sin, mask, cache, self.index, start)
+        if self.parallel:
+            return x + a + self.mlp(h)
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm(a)
+        x = x + a
+        m = self.mlp(self.ffn_norm(x))
+        if self.post_ffn_norm is not None:
+            m = self.post_ffn_norm(m)
+        return x + m
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps, cfg.norm_bias, cfg.norm_unit_offset)
+        self.lm_head = None
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.register_buffer("inv_freq", inv_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling_factor),
+                             persistent=False)
+        self.register_buffer("inv_freq_local", inv_frequencies(cfg.rotary_dim, cfg.rope_local_theta),
+                             persistent=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        bias = None if self.lm_head is None else self.lm_head.bias
+        return F.linear(h, self.head_weight, bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+        cache=None,
+        start: int = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for ``input_ids`` [B, T].
+
+        ``positions`` [B, T] are RoPE positions (default ``start + arange(T)``); ``key_valid`` [B, S] marks
+        the storage slots (cached and new) holding real tokens, so left padding is never attended to.
+        With ``last_only`` only the last position's logits are computed (generation).
+        """
+        b, t = input_ids.shape
+        device = input_ids.device
+        if positions is None:
+            positions = torch.arange(start, start + t, device=device).expand(b, t)
+        x = self.embed(input_ids)
+        if self.cfg.embed_scale:
+            x = x * torch.tensor(math.sqrt(self.cfg.hidden_size)).to(x.dtype)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        local = (cos, sin)
+        if self.cfg.rope_local_theta != self.cfg.rope_theta or self.cfg.rope_scaling_factor != 1.0:
+            local = rope_cos_sin(positions, self.inv_freq_local, x.dtype)
+        masks = attention_masks(self.cfg, t, start, key_valid, device, cache is not None)
+        for layer in self.layers:
+            c, s = local if layer.sliding else (cos, sin)
+            x = layer(x, c, s, masks[layer.sliding], cache, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(self.norm(x))
+
+
+def attention_masks(cfg: ModelConfig, t: int, start: int, key_valid, device, cached: bool):
+    """Boolean masks [B|1, 1, T, S] for (full, sliding) layers, or None where plain causal suffices.
+
+    Slot ``j`` is visible to query slot ``i`` when ``j <= i``, the slot holds a real token and, on
+    sliding layers, ``i - j < window``. A query always sees its own slot, so a padding row never has
+    every key masked (which would give NaN).
+    """
+    s = start + t
+    need_full = key_valid is not None or cached or start > 0
+    need_sliding = cfg.sliding_window > 0 and s > cfg.sliding_window
+    if not need_full and not need_sliding:
+        return {False: None, True: None}
+    q_slot = torch.arange(start, s, device=device)[:, None]
+    k_slot = torch.arange(s, device=device)[None, :]
+    full = k_slot <= q_slot
+    if key_valid is not None:
+        full = (full[None] & key_valid[:, None, :s]) | (k_slot == q_slot)[None]
+    else:
+        full = full[None]
+    sliding = full & (q_slot - k_slot < cfg.sliding_window) if cfg.sliding_window else full
+    return {False: full[:, None], True: sliding[:, None]}

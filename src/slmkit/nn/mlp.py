@@ -1,0 +1,40 @@
+"""Feed-forward blocks: gated (SwiGLU / GeGLU) and plain two-layer MLPs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate x) * up x)`` — Llama, Qwen2 (SiLU) and Gemma (tanh GELU)."""
+
+    def __init__(self, dim: int, hidden: int, activation: str, bias: bool):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=bias)
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class PlainMLP(nn.Module):
+    """``down(act(up x))`` — phi's fc1 / fc2."""
+
+    def __init__(self, dim: int, hidden: int, activation: str, bias: bool):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))

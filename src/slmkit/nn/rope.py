@@ -1,0 +1,35 @@
+"""Rotary position embeddings, "rotate_half" (NeoX) layout as in HF transformers.
+
+Dimension i of a head is paired with i + rotary_dim/2; ``inv_freq = 1/theta^(2i/rotary_dim)``.
+Only the first ``rotary_dim`` dims rotate (phi's partial rotary); the rest pass through.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def inv_frequencies(rotary_dim: int, theta: float, scaling_factor: float = 1.0) -> torch.Tensor:
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    return 1.0 / (theta ** exponent) / scaling_factor
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape [batch, 1, time, rotary_dim] for integer ``positions`` [batch, time]."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [batch, heads, time, head_dim] by the tables from :func:`rope_cos_sin`."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
