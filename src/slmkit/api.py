@@ -1,0 +1,170 @@
+"""The Python API: ``slmkit.load(name_or_path)`` and the ``LM`` object it returns."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .config import ModelConfig
+from .engine.generate import Completion, generate, iter_generate
+from .engine.sampling import SamplingParams
+from .errors import ModelFileError, SlmError
+from .formats.gguf import GGUFFile
+from .formats.gguf_model import read_gguf_model
+from .formats.hf import read_hf_config, read_hf_state_dict, write_hf
+from .formats.registry import REGISTRY, resolve
+from .models.build import build_decoder
+from .models.decoder import Decoder
+from .tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class LM:
+    """A loaded model with its tokenizer: generate, chat, score, save."""
+
+    def __init__(self, model: Decoder, tokenizer: Tokenizer, source: str, tensor_types: dict[str, str]):
+        self.model, self.tokenizer, self.source = model, tokenizer, source
+        self.config: ModelConfig = model.cfg
+        self.tensor_types = tensor_types  # tensor name -> storage type in the source file
+
+    # ------------------------------------------------------------ generation
+    def _params(self, **kw) -> SamplingParams:
+        return SamplingParams(**kw)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return set(self.tokenizer.eos_ids) | set(self.config.eos_ids)
+
+    def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        return [self.tokenizer.encode(p) for p in prompts]
+
+    def complete(self, prompts: Sequence[str], **sampling) -> list[Completion]:
+        """Completions (text, token ids, finish reason) for a batch of prompts."""
+        return generate(self.model, self.tokenizer, self._encode_prompts(prompts), self._params(**sampling),
+                        self.eos_ids)
+
+    def generate(self, prompt: str | Sequence[str], **sampling) -> str | list[str]:
+        """Continue ``prompt`` (or each of a list of prompts, batched with left padding)."""
+        single = isinstance(prompt, str)
+        done = self.complete([prompt] if single else list(prompt), **sampling)
+        return done[0].text if single else [c.text for c in done]
+
+    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+        """Yield the continuation of ``prompt`` piece by piece as it is generated."""
+        ids = self._encode_prompts([prompt])
+        for ev in iter_generate(self.model, self.tokenizer, ids, self._params(**sampling), self.eos_ids):
+            if ev.delta:
+                yield ev.delta
+
+    def chat_prompt(self, messages: list[dict], **template_kwargs) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+
+    def chat(self, messages: list[dict], stream: bool = False, **sampling):
+        """The assistant's reply to ``messages``, rendered with the model's own chat template."""
+        prompt = self.chat_prompt(messages)
+        if stream:
+            return self._stream_ids(self.tokenizer.encode(prompt, add_special_tokens=False), **sampling)
+        ids = [self.tokenizer.encode(prompt, add_special_tokens=False)]
+        return generate(self.model, self.tokenizer, ids, self._params(**sampling), self.eos_ids)[0].text
+
+    def _stream_ids(self, ids: list[int], **sampling) -> Iterator[str]:
+        for ev in iter_generate(self.model, self.tokenizer, [ids], self._params(**sampling), self.eos_ids):
+            if ev.delta:
+                yield ev.delta
+
+    # --------------------------------------------------------------- scoring
+    @torch.inference_mode()
+    def logits(self, token_ids) -> torch.Tensor:
+        """Logits [batch, time, vocab] (float32) for token ids: a list, a list of equal-length lists, or a tensor."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.shape[-1] > self.config.max_position_embeddings:
+            raise SlmError(f"{ids.shape[-1]} tokens exceed the model's context of "
+                           f"{self.config.max_position_embeddings}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise SlmError(f"token ids must be in [0, {self.config.vocab_size}); got {ids.min()}..{ids.max()}")
+        return self.model(ids.to(self.model.embed.weight.device)).float()
+
+    # ----------------------------------------------------------------- files
+    def save(self, folder: str | Path) -> Path:
+        """Write the model in Hugging Face layout (safetensors, config.json, tokenizer files)."""
+        return write_hf(folder, self.config, self.model.state_dict(), self.tokenizer)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def info(self) -> dict:
+        groups: Counter = Counter()
+        for name, kind in self.tensor_types.items():
+            groups[(_tensor_group(name), kind)] += 1
+        cfg = self.config
+        return {
+            "source": self.source,
+            "family": cfg.family,
+            "layers": cfg.n_layers,
+            "hidden_size": cfg.hidden_size,
+            "heads": f"{cfg.n_heads} query / {cfg.n_kv_heads} key-value, head_dim {cfg.head_dim}",
+            "intermediate_size": cfg.intermediate_size,
+            "vocab_size": cfg.vocab_size,
+            "context_length": cfg.max_position_embeddings,
+            "rope_theta": cfg.rope_theta,
+            "tied_embeddings": cfg.tie_word_embeddings,
+            "parameters": self.num_parameters(),
+            "compute_dtype": str(self.model.embed.weight.dtype).replace("torch.", ""),
+            "tensor_types": {f"{g} [{k}]": n for (g, k), n in sorted(groups.items())},
+            "tokenizer": self.tokenizer.describe() if hasattr(self.tokenizer, "describe") else type(self.tokenizer).__name__,
+            "chat_template": self.tokenizer.chat_template is not None,
+            "bos_id": self.tokenizer.bos_id,
+            "eos_ids": sorted(self.eos_ids),
+        }
+
+
+def _tensor_group(name: str) -> str:
+    """``blk.3.attn_q.weight`` / ``model.layers.3.self_attn.q_proj.weight`` -> ``attn_q.weight`` style groups."""
+    parts = name.split(".")
+    digits = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[digits[0] + 1:]) if digits else name
+
+
+def set_threads(threads: int | None) -> None:
+    n = threads or os.cpu_count() or 1
+    if n < 1:
+        raise SlmError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(n)
+
+
+def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", threads: int | None = None) -> LM:
+    """Load a registry name, a ``.gguf`` file, or a Hugging Face folder."""
+    if threads is not None:
+        set_threads(threads)
+    torch_dtype = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if torch_dtype is None:
+        raise SlmError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    name = str(name_or_path)
+    path = resolve(name) if name in REGISTRY else Path(name).expanduser()
+    if not path.exists():
+        known = ", ".join(REGISTRY)
+        raise ModelFileError(f"{name}: no such file or folder, and not a registry name ({known})")
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").is_file() and len(ggufs) == 1:
+            path = ggufs[0]
+    if path.is_dir():
+        cfg = read_hf_config(path)
+        state = read_hf_state_dict(path, cfg.family)
+        tokenizer = Tokenizer.from_hf_dir(path)
+        types = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
+    else:
+        gguf = GGUFFile(path)
+        cfg, state = read_gguf_model(gguf, torch_dtype)
+        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
+        types = {n: info.type_name for n, info in gguf.tensors.items()}
+    model = build_decoder(cfg, state, torch_dtype, source=str(path))
+    return LM(model, tokenizer, str(path), types)

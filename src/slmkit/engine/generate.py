@@ -1,0 +1,147 @@
+"""The generation loop: prefill the (left-padded) prompts, then decode one token per step with a KV cache.
+
+Text streams out as it is produced; output that could be the start of a stop string, or that ends in
+half a UTF-8 character, is held back until it is settled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ..errors import ContextLengthError, SlmError
+from .kv_cache import KVCache
+from .sampling import SamplingParams, next_tokens
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    prompt_tokens: int
+
+
+@dataclass
+class TextEvent:
+    row: int
+    delta: str
+    done: Completion | None = None  # set on the row's last event
+
+
+@dataclass
+class _Row:
+    prompt_len: int
+    ids: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of text already streamed
+    finished: Completion | None = None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters might still turn into a stop string or a whole UTF-8 character."""
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    if text.endswith("\ufffd"):
+        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
+    return hold
+
+
+def check_context(prompt_len: int, max_new_tokens: int, context: int) -> None:
+    if prompt_len == 0:
+        raise SlmError("the prompt is empty (no tokens)")
+    if prompt_len + max_new_tokens > context:
+        raise ContextLengthError(
+            f"prompt has {prompt_len} tokens and max_new_tokens is {max_new_tokens}: together "
+            f"{prompt_len + max_new_tokens}, more than the model's context of {context} tokens"
+        )
+
+
+@torch.inference_mode()
+def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
+                  eos_ids: set[int]) -> Iterator[TextEvent]:
+    cfg = model.cfg
+    for p in prompts:
+        check_context(len(p), params.max_new_tokens, cfg.max_position_embeddings)
+    rows = [_Row(len(p)) for p in prompts]
+    if params.max_new_tokens == 0:
+        for i, r in enumerate(rows):
+            yield TextEvent(i, "", Completion("", [], "length", r.prompt_len))
+        return
+
+    b, t = len(prompts), max(len(p) for p in prompts)
+    device = model.embed.weight.device
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    ids = torch.full((b, t), pad, dtype=torch.long)
+    key_valid = torch.zeros((b, t + params.max_new_tokens), dtype=torch.bool)
+    seen = torch.empty((b, t), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = torch.tensor(p)
+        key_valid[i, t - len(p):t] = True
+        seen[i] = torch.tensor([p[0]] * (t - len(p)) + p)  # padding repeats a real token: no extra penalty
+    padded = any(len(p) != t for p in prompts)
+    positions = (key_valid[:, :t].long().cumsum(-1) - 1).clamp(min=0)
+    ids, key_valid, positions, seen = ids.to(device), key_valid.to(device), positions.to(device), seen.to(device)
+
+    generator = None
+    if params.temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    cache = KVCache(cfg, b, t + params.max_new_tokens, model.embed.weight.dtype, device)
+    logits = model(ids, positions, key_valid[:, :t] if padded else None, cache, 0, last_only=True)[:, -1]
+    next_pos = positions[:, -1] + 1
+
+    for step in range(params.max_new_tokens):
+        tokens = next_tokens(logits, params, seen, generator)
+        last_step = step == params.max_new_tokens - 1
+        for i, row in enumerate(rows):
+            if row.finished is None:
+                yield from _advance(i, row, int(tokens[i]), tokenizer, params.stop, eos_ids, last_step)
+        if all(r.finished is not None for r in rows) or last_step:
+            return
+        slot = t + step
+        key_valid[:, slot] = True
+        seen = torch.cat((seen, tokens[:, None]), dim=1)
+        logits = model(tokens[:, None], next_pos[:, None], key_valid[:, :slot + 1] if padded else None, cache,
+                       slot, last_only=True)[:, -1]
+        next_pos = next_pos + 1
+
+
+def _advance(i: int, row: _Row, token: int, tokenizer, stops: list[str], eos_ids: set[int], last_step: bool):
+    if token in eos_ids:
+        text = tokenizer.decode(row.ids, skip_special_tokens=True)
+        row.finished = Completion(text, row.ids, "stop", row.prompt_len)
+        yield TextEvent(i, text[row.emitted:], row.finished)
+        return
+    row.ids.append(token)
+    text = tokenizer.decode(row.ids, skip_special_tokens=True)
+    hits = [text.find(s) for s in stops if s and s in text]
+    if hits:
+        text = text[:min(hits)]
+        row.finished = Completion(text, row.ids, "stop", row.prompt_len)
+    elif last_step:
+        row.finished = Completion(text, row.ids, "length", row.prompt_len)
+    if row.finished is not None:
+        yield TextEvent(i, text[row.emitted:], row.finished)
+        return
+    safe = len(text) - _held_back(text, stops)
+    if safe > row.emitted:
+        yield TextEvent(i, text[row.emitted:safe])
+        row.emitted = safe
+
+
+def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams, eos_ids: set[int],
+             on_text=None) -> list[Completion]:
+    """Run :func:`iter_generate` to the end; ``on_text(row, delta)`` sees the stream."""
+    done: list[Completion | None] = [None] * len(prompts)
+    for ev in iter_generate(model, tokenizer, prompts, params, eos_ids):
+        if on_text is not None and ev.delta:
+            on_text(ev.row, ev.delta)
+        if ev.done is not None:
+            done[ev.row] = ev.done
+    return done  # type: ignore[return-value]
