@@ -50,8 +50,8 @@ GGML_TYPES: dict[int, QuantType] = {
 
 def _f16(blocks: torch.Tensor, offset: int) -> torch.Tensor:
     """The little-endian f16 field at byte ``offset`` of every block, as float32 (n_blocks, 1)."""
-    # .contiguous() copies the 2-byte column, so the f16 view is always aligned.
-    return blocks[:, offset:offset + 2].contiguous().view(torch.float16).float()
+    # Every block size and f16 offset is even, so the blocks can be viewed as rows of halves.
+    return blocks.view(torch.float16)[:, offset // 2:offset // 2 + 1].float()
 
 
 def _fields(x: torch.Tensor, width: int, count: int) -> torch.Tensor:
@@ -59,8 +59,11 @@ def _fields(x: torch.Tensor, width: int, count: int) -> torch.Tensor:
 
     Returns (..., count, k): ``out[..., i, j] = (x[..., j] >> (i * width)) & mask``.
     """
-    shifts = torch.arange(0, count * width, width, dtype=torch.uint8).view(count, 1)
-    return (x.unsqueeze(-2) >> shifts) & ((1 << width) - 1)
+    # Shifts by a Python int (not a broadcast tensor) and a contiguous input keep torch on its
+    # vectorised kernels; the loop is over the <= 8 fields of a byte, not over blocks.
+    x = x.contiguous()
+    mask = (1 << width) - 1
+    return torch.stack([(x >> (i * width)) & mask for i in range(count)], dim=-2)
 
 
 def _low_high_nibbles(qs: torch.Tensor) -> torch.Tensor:
