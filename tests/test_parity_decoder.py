@@ -70,3 +70,19 @@ def test_logits_match_transformers_on_padded_batch(name, tmp_path):
     diff = (ref[valid] - got[valid]).abs().max().item()
     assert diff <= 1e-4, f"{name}: max abs logit difference {diff}"
     assert ref[valid].abs().max() > 0.1  # the comparison is not between two near-zero tensors
+
+
+@pytest.mark.parametrize("name", list(tiny_hf_configs()))
+def test_greedy_continuations_match_transformers(name, tmp_path):
+    from slmkit.engine.generate import generate
+    from slmkit.engine.sampling import SamplingParams
+
+    hf, ours = hf_model_and_ours(name, tmp_path)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, hf.config.vocab_size, (n,), generator=gen).tolist() for n in (9, 4, 6)]
+    done = generate(ours, None, prompts, SamplingParams(max_new_tokens=12), eos_ids=set())
+    for prompt, completion in zip(prompts, done):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+        assert completion.token_ids == ref, f"{name}: batched greedy continuation differs from transformers"

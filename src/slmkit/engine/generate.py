@@ -76,7 +76,8 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
 
     b, t = len(prompts), max(len(p) for p in prompts)
     device = model.embed.weight.device
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    pad = getattr(tokenizer, "pad_id", None)
+    pad = pad if pad is not None else (cfg.pad_token_id or 0)
     ids = torch.full((b, t), pad, dtype=torch.long)
     key_valid = torch.zeros((b, t + params.max_new_tokens), dtype=torch.bool)
     seen = torch.empty((b, t), dtype=torch.long)
@@ -112,14 +113,19 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
         next_pos = next_pos + 1
 
 
+def _text(tokenizer, ids: list[int]) -> str:
+    return "" if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def _advance(i: int, row: _Row, token: int, tokenizer, stops: list[str], eos_ids: set[int], last_step: bool):
+    """Take one new token for a row; yield the text it settles (``tokenizer=None``: token ids only)."""
     if token in eos_ids:
-        text = tokenizer.decode(row.ids, skip_special_tokens=True)
+        text = _text(tokenizer, row.ids)
         row.finished = Completion(text, row.ids, "stop", row.prompt_len)
         yield TextEvent(i, text[row.emitted:], row.finished)
         return
     row.ids.append(token)
-    text = tokenizer.decode(row.ids, skip_special_tokens=True)
+    text = _text(tokenizer, row.ids)
     hits = [text.find(s) for s in stops if s and s in text]
     if hits:
         text = text[:min(hits)]
