@@ -44,7 +44,7 @@ class TensorInfo:
 
     @property
     def type_name(self) -> str:
-        return GGML_TYPES[self.ggml_type].name if self.ggml_type in GGML_TYPES else f"type{self.ggml_type}"
+        return GGML_TYPES[self.ggml_type].name
 
 
 class _Cursor:
@@ -130,10 +130,15 @@ class GGUFFile:
         self.tensors: dict[str, TensorInfo] = {}
         for name, ne, ggml_type, rel_offset in infos:
             qt = GGML_TYPES.get(ggml_type)
+            if qt is None:
+                raise UnsupportedError(
+                    f"{self.path}: tensor {name!r} uses quantization type {_type_name(ggml_type)}, which slmkit "
+                    f"cannot read (supported: {', '.join(t.name for t in GGML_TYPES.values())})"
+                )
             n_values = int(np.prod(ne)) if ne else 1
-            nbytes = -1 if qt is None else n_values // qt.block_size * qt.type_size
+            nbytes = n_values // qt.block_size * qt.type_size
             info = TensorInfo(name, tuple(reversed(ne)), ggml_type, data_start + rel_offset, nbytes)
-            if qt is not None and info.offset + nbytes > size:
+            if info.offset + nbytes > size:
                 raise ModelFileError(
                     f"{self.path}: file is truncated: tensor {name!r} needs bytes up to "
                     f"{info.offset + nbytes}, file has {size}"
@@ -147,16 +152,21 @@ class GGUFFile:
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as a uint8 view into the memory map (no copy)."""
         info = self.tensors[name]
-        if info.ggml_type not in GGML_TYPES:
-            raise UnsupportedError(
-                f"{self.path}: tensor {name!r} uses ggml type {info.ggml_type}, which slmkit cannot read"
-            )
         return self._mmap[info.offset:info.offset + info.nbytes]
 
     def tensor(self, name: str):
         """The tensor dequantized to a float32 torch tensor of its torch shape."""
         info = self.tensors[name]
         return dequantize(self.raw(name), info.ggml_type, info.shape)
+
+
+def _type_name(ggml_type: int) -> str:
+    try:
+        from gguf import GGMLQuantizationType
+
+        return f"{GGMLQuantizationType(ggml_type).name} ({ggml_type})"
+    except (ImportError, ValueError):
+        return f"id {ggml_type}"
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
