@@ -35,9 +35,15 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 
 
 def _sampling(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                stop=args.stop)
+    """The sampling flags as keyword arguments, checked now: a bad value fails before the model loads
+    (and before `slm chat` reads a first message), not at the first generation."""
+    from .engine.sampling import SamplingParams
+
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+              stop=args.stop)
+    SamplingParams(**kw)
+    return kw
 
 
 def _load(args):
@@ -52,8 +58,8 @@ def _write(text: str) -> None:
 
 
 def cmd_generate(args) -> int:
-    lm = _load(args)
     sampling = _sampling(args)
+    lm = _load(args)
     if args.chat:
         pieces = lm.chat([{"role": "user", "content": args.prompt}], stream=True, **sampling)
     else:
@@ -65,6 +71,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    sampling = _sampling(args)
     lm = _load(args)
     if lm.tokenizer.chat_template is None:
         raise SlmError(f"{args.model}: the model has no chat template; use `slm generate` instead")
@@ -90,7 +97,7 @@ def cmd_chat(args) -> int:
             continue
         history.append({"role": "user", "content": text})
         reply = []
-        for piece in lm.chat(history, stream=True, **_sampling(args)):
+        for piece in lm.chat(history, stream=True, **sampling):
             reply.append(piece)
             _write(piece)
         _write("\n")

@@ -40,16 +40,19 @@ class _Row:
 
 
 def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters might still turn into a stop string or a whole UTF-8 character."""
+    """How many trailing characters might still turn into a stop string or a whole UTF-8 character.
+
+    A trailing U+FFFD (half a character) is held, and so is the start of a stop string just before it:
+    once the character is complete it may continue that stop string (stop "中国" over "中" + "\ufffd").
+    """
+    settled = text.rstrip("\ufffd")
     hold = 0
     for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
+        for n in range(min(len(stop) - 1, len(settled)), 0, -1):
+            if settled.endswith(stop[:n]):
                 hold = max(hold, n)
                 break
-    if text.endswith("\ufffd"):
-        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
-    return hold
+    return hold + len(text) - len(settled)
 
 
 def check_context(prompt_len: int, max_new_tokens: int, context: int) -> None:
@@ -66,6 +69,8 @@ def check_context(prompt_len: int, max_new_tokens: int, context: int) -> None:
 def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
                   eos_ids: set[int]) -> Iterator[TextEvent]:
     cfg = model.cfg
+    if not prompts:
+        return
     for p in prompts:
         check_context(len(p), params.max_new_tokens, cfg.max_position_embeddings)
     rows = [_Row(len(p)) for p in prompts]
@@ -92,7 +97,10 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
     generator = None
     if params.temperature > 0:
         generator = torch.Generator(device=device)
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        if params.seed is not None:
+            generator.manual_seed(params.seed)
+        else:
+            generator.seed()  # a fresh random seed for this generator only; torch.seed() would reseed the global RNG
     cache = KVCache(cfg, b, t + params.max_new_tokens, model.embed.weight.dtype, device)
     logits = model(ids, positions, key_valid[:, :t] if padded else None, cache, 0, last_only=True)[:, -1]
     next_pos = positions[:, -1] + 1

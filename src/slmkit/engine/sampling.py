@@ -6,6 +6,7 @@ The order follows transformers' logits processors: penalty, temperature, top-k, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import torch
 
@@ -26,12 +27,22 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        # Types first, so that a float token count or a string temperature is a named SlmError rather than
+        # a TypeError from deep inside torch (or from a comparison below).
+        for name in ("max_new_tokens", "top_k") + (("seed",) if self.seed is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise SlmError(f"{name} must be an integer, got {value!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise SlmError(f"{name} must be a number, got {value!r}")
         checks = [
             (self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),  # as transformers' MinPLogitsWarper
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
         ]
         for ok, message in checks:
