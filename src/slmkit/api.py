@@ -15,10 +15,13 @@ from .engine.sampling import SamplingParams
 from .errors import ModelFileError, SlmError
 from .formats.gguf import GGUFFile
 from .formats.gguf_model import read_gguf_model
-from .formats.hf import read_hf_config, read_hf_state_dict, write_hf
+from .formats.compact import is_compact, read_compact, write_compact
+from .formats.hf import read_hf_config, read_hf_json, read_hf_state_dict, write_hf
 from .formats.registry import REGISTRY, resolve
 from .models.build import build_decoder
+from .models.compact import compact
 from .models.decoder import Decoder
+from .nn.quant import check_mode
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -90,12 +93,20 @@ class LM:
                            f"{self.config.max_position_embeddings}")
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise SlmError(f"token ids must be in [0, {self.config.vocab_size}); got {ids.min()}..{ids.max()}")
-        return self.model(ids.to(self.model.embed.weight.device)).float()
+        return self.model(ids.to(self.model.device)).float()
 
     # ----------------------------------------------------------------- files
     def save(self, folder: str | Path) -> Path:
         """Write the model in Hugging Face layout (safetensors, config.json, tokenizer files)."""
+        if self.model.quant != "none":
+            raise SlmError("this model was loaded compact (quantized); save the float model, or use save_compact")
         return write_hf(folder, self.config, self.model.state_dict(), self.tokenizer)
+
+    def save_compact(self, folder: str | Path, mode: str = "int8") -> Path:
+        """Write a compact (int8 / int4) checkpoint that ``slmkit.load`` reads back quantized."""
+        if self.model.quant != "none":
+            raise SlmError("save_compact needs the float model; load it without quant=")
+        return write_compact(folder, self.model, self.tokenizer, mode)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -117,7 +128,8 @@ class LM:
             "rope_theta": cfg.rope_theta,
             "tied_embeddings": cfg.tie_word_embeddings,
             "parameters": self.num_parameters(),
-            "compute_dtype": str(self.model.embed.weight.dtype).replace("torch.", ""),
+            "compute_dtype": str(self.model.dtype).replace("torch.", ""),
+            "quantization": self.model.quant,
             "tensor_types": {f"{g} [{k}]": n for (g, k), n in sorted(groups.items())},
             "tokenizer": self.tokenizer.describe() if hasattr(self.tokenizer, "describe") else type(self.tokenizer).__name__,
             "chat_template": self.tokenizer.chat_template is not None,
@@ -140,8 +152,13 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(n)
 
 
-def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", threads: int | None = None) -> LM:
-    """Load a registry name, a ``.gguf`` file, or a Hugging Face folder."""
+def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", threads: int | None = None,
+         quant: str | None = None) -> LM:
+    """Load a registry name, a ``.gguf`` file, or a Hugging Face folder.
+
+    ``quant`` (``int8`` or ``int4``) makes the weights compact for fast CPU decoding (see models.compact).
+    """
+    quant = check_mode(quant)
     if threads is not None:
         set_threads(threads)
     torch_dtype = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
@@ -156,6 +173,14 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", threads
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").is_file() and len(ggufs) == 1:
             path = ggufs[0]
+    if path.is_dir() and is_compact(read_hf_json(path)):
+        if quant != "none":
+            raise SlmError(f"{path} is already a compact ({read_hf_json(path)['quantization_config']['mode']}) "
+                           f"checkpoint; load it without quant=")
+        state = read_hf_state_dict(path, None)
+        model = read_compact(path, read_hf_json(path), state, torch_dtype)
+        types = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
+        return LM(model, Tokenizer.from_hf_dir(path), str(path), types)
     if path.is_dir():
         cfg = read_hf_config(path)
         state = read_hf_state_dict(path, cfg.family)
@@ -167,4 +192,6 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", threads
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
         types = {n: info.type_name for n, info in gguf.tensors.items()}
     model = build_decoder(cfg, state, torch_dtype, source=str(path))
+    del state
+    compact(model, quant)
     return LM(model, tokenizer, str(path), types)

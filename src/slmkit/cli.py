@@ -3,6 +3,7 @@
     slm chat [-m MODEL]                 interactive, streaming, multi-turn (/reset, /exit)
     slm generate [-m MODEL] PROMPT      stream a continuation (--chat wraps PROMPT in the chat template)
     slm info MODEL                      architecture, parameters, tensor types, tokenizer
+    slm quantize MODEL OUT --quant int8 write a compact checkpoint (load it like any model)
     slm models                          registry names and where each comes from
 """
 
@@ -21,6 +22,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                                                   f"(default {DEFAULT_MODEL})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
+                   help="compact weights for fast CPU decoding (default none)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -49,7 +52,7 @@ def _sampling(args) -> dict:
 def _load(args):
     from .api import load
 
-    return load(args.model, dtype=args.dtype, threads=args.threads)
+    return load(args.model, dtype=args.dtype, threads=args.threads, quant=args.quant)
 
 
 def _write(text: str) -> None:
@@ -122,6 +125,15 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .api import load
+
+    lm = load(args.model)
+    out = lm.save_compact(args.output, args.quant)
+    print(f"wrote {args.quant} checkpoint to {out}", file=sys.stderr)
+    return 0
+
+
 def cmd_models(args) -> int:
     for name, entry in REGISTRY.items():
         path = locate(entry)
@@ -152,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("quantize", help="write a compact int8 / int4 checkpoint (HF or GGUF in)")
+    p.add_argument("model", help="registry name, .gguf file or HF folder")
+    p.add_argument("output", help="folder to write")
+    p.add_argument("--quant", default="int8", choices=["int8", "int4"])
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("models", help="list registry names")
     p.set_defaults(func=cmd_models)

@@ -80,7 +80,7 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
         return
 
     b, t = len(prompts), max(len(p) for p in prompts)
-    device = model.embed.weight.device
+    device = model.device
     pad = getattr(tokenizer, "pad_id", None)
     pad = pad if pad is not None else (cfg.pad_token_id or 0)
     ids = torch.full((b, t), pad, dtype=torch.long)
@@ -101,7 +101,7 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
             generator.manual_seed(params.seed)
         else:
             generator.seed()  # a fresh random seed for this generator only; torch.seed() would reseed the global RNG
-    cache = KVCache(cfg, b, t + params.max_new_tokens, model.embed.weight.dtype, device)
+    cache = KVCache(cfg, b, t + params.max_new_tokens, model.dtype, device)
     logits = model(ids, positions, key_valid[:, :t] if padded else None, cache, 0, last_only=True)[:, -1]
     next_pos = positions[:, -1] + 1
 

@@ -17,16 +17,21 @@ from ..errors import ModelFileError
 from .keys import hf_to_slm, slm_to_hf
 
 
-def read_hf_config(folder: Path) -> ModelConfig:
+def read_hf_json(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise ModelFileError(f"{folder}: no config.json (not a Hugging Face model folder)")
     try:
-        return ModelConfig.from_hf(json.loads(path.read_text()))
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{path}: invalid JSON ({e})") from None
+
+
+def read_hf_config(folder: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_hf(read_hf_json(folder))
     except KeyError as e:
-        raise ModelFileError(f"{path}: missing required field {e}") from None
+        raise ModelFileError(f"{folder / 'config.json'}: missing required field {e}") from None
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -46,8 +51,8 @@ def _weight_files(folder: Path) -> list[Path]:
     raise ModelFileError(f"{folder}: no model.safetensors, sharded index or pytorch_model.bin")
 
 
-def read_hf_state_dict(folder: Path, family: str) -> dict[str, torch.Tensor]:
-    """All weights of the folder, renamed to slmkit's keys."""
+def read_hf_state_dict(folder: Path, family: str | None) -> dict[str, torch.Tensor]:
+    """All weights of the folder, renamed to slmkit's keys (``family=None``: names kept as stored)."""
     state = {}
     for f in _weight_files(folder):
         try:
@@ -55,22 +60,27 @@ def read_hf_state_dict(folder: Path, family: str) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelFileError(f"{f}: cannot read weights ({str(e).splitlines()[0]})") from None
         for k, v in tensors.items():
-            state[hf_to_slm(k, family)] = v
+            state[k if family is None else hf_to_slm(k, family)] = v
     return state
 
 
 def write_hf(folder: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer=None,
-             generation_config: dict | None = None) -> Path:
-    """Write an HF folder atomically: everything goes to a temporary sibling, then is renamed into place."""
+             generation_config: dict | None = None, raw_state: bool = False, extra_config: dict | None = None) -> Path:
+    """Write an HF folder atomically: everything goes to a temporary sibling, then is renamed into place.
+
+    ``raw_state`` keeps slmkit's key names (compact checkpoints, which transformers cannot read anyway).
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        hf_state = {slm_to_hf(k, cfg.family): v.detach().contiguous().cpu() for k, v in state.items()
-                    if not (cfg.tie_word_embeddings and k.startswith("lm_head."))}
+        rename = (lambda k: k) if raw_state else (lambda k: slm_to_hf(k, cfg.family))
+        hf_state = {rename(k): v.detach().contiguous().cpu() for k, v in state.items()
+                    if raw_state or not (cfg.tie_word_embeddings and k.startswith("lm_head."))}
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf_cfg = cfg.to_hf()
         hf_cfg["dtype"] = str(next(iter(hf_state.values())).dtype).replace("torch.", "")
+        hf_cfg.update(extra_config or {})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
                **(generation_config or {})}

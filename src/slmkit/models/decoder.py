@@ -70,13 +70,20 @@ class Decoder(nn.Module):
         self.register_buffer("inv_freq_local", inv_frequencies(cfg.rotary_dim, cfg.rope_local_theta),
                              persistent=False)
 
+    quant = "none"  # set by models.compact.compact
+
     @property
-    def head_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        bias = None if self.lm_head is None else self.lm_head.bias
-        return F.linear(h, self.head_weight, bias)
+        if self.lm_head is None:  # tied to the embedding table
+            return F.linear(h, self.embed.weight)
+        return self.lm_head(h)
 
     def forward(
         self,

@@ -20,6 +20,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attn_out_bias)
+        self.qkv = None  # set by models.compact.fuse: one matmul for q|k|v
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
@@ -33,16 +34,34 @@ class Attention(nn.Module):
         query attends over slots ``0 .. start+T``.
         """
         b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv is not None:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v, start)
+        if t == 1:
+            return self.o(self._attend_one(q, k, v, mask).reshape(b, 1, self.n_heads * self.head_dim))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _attend_one(self, q, k, v, mask):
+        """Attention for a single new token per row: two small matmuls, the query heads of each
+        KV group stacked so the cache is never repeated (cheaper than SDPA's set-up at this size)."""
+        b, group = q.shape[0], self.n_heads // self.n_kv_heads
+        qg = q.reshape(b, self.n_kv_heads, group, self.head_dim)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scale  # [B, KV, G, S]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(-1).to(v.dtype)
+        return torch.matmul(probs, v)  # [B, KV, G, D] == [B, H, D] in head order

@@ -1,0 +1,132 @@
+"""Weight-only quantized linear layers for fast CPU decoding.
+
+``int8``: one symmetric scale per output row; matmul by ``torch._weight_int8pack_mm``.
+``int4``: asymmetric groups of 32 along the input dim (w = q*scale + min, as GGUF Q4_1 stores it);
+matmul by ``torch._weight_int4pack_mm_for_cpu``.
+Both kernels take bf16 activations: decoding at batch 1 reads every weight once per token, so
+the cost is the bytes of weights, and these read 1/4 and 1/8 of fp32's. The residual stream stays
+in the model's dtype; only the matmul input is cast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedError
+
+INT4_GROUP = 32
+QUANT_MODES = ("none", "int8", "int4")
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: ``w ≈ q * scale[:, None]``."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit per group of ``group`` inputs: ``w ≈ q * scale + minimum``, q in 0..15."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(n, k)
+    return q, scale, lo
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight_int8", q.contiguous())
+        self.register_buffer("scale", scale.to(torch.bfloat16).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        q, scale = quantize_int8(linear.weight.detach())
+        return cls(q, scale, linear.bias)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.scale.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scale)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    """4-bit weights in torch's CPU int4 layout; ``codes``/``scale``/``minimum`` stay readable for saving."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None,
+                 group: int = INT4_GROUP):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        if self.out_features % 16 or self.in_features % group:
+            raise UnsupportedError(
+                f"int4 needs out_features divisible by 16 and in_features by {group}, got {tuple(codes.shape)}")
+        self.group = group
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2))
+        # the kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale
+        scale_zero = torch.stack((scale.float(), minimum.float() + 8 * scale.float()), dim=-1)  # [N, G, 2]
+        self.register_buffer("scale_zero", scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
+        codes, scale, minimum = quantize_int4(linear.weight.detach())
+        return cls(codes, scale, minimum, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, self.group, self.scale_zero)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+class Int8Embedding(nn.Module):
+    """Embedding rows gathered from an :class:`Int8Linear` (the tied output head), so the table is held once."""
+
+    def __init__(self, head: Int8Linear):
+        super().__init__()
+        self.head = [head]  # a list, so the shared tensors are not registered (and saved) twice
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that asks for the dtype / device
+        return self.head[0].scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self.head[0]
+        return head.weight_int8[ids].float() * head.scale[ids].float()[..., None]
+
+
+def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the concatenation of ``linears``' outputs (q|k|v or gate|up)."""
+    weight = torch.cat([l.weight.detach() for l in linears], dim=0)
+    has_bias = linears[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([l.bias.detach() for l in linears]), requires_grad=False)
+    return fused
+
+
+def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
+    if mode == "int8":
+        return Int8Linear.from_linear(linear)
+    if mode == "int4":
+        return Int4Linear.from_linear(linear)
+    return linear
+
+
+def check_mode(mode: str | None) -> str:
+    mode = mode or "none"
+    if mode not in QUANT_MODES:
+        raise UnsupportedError(f"unknown quantization {mode!r} (choose from {', '.join(QUANT_MODES)})")
+    return mode

@@ -1,0 +1,72 @@
+"""Compact (int8 / int4) weights: accuracy against the fp32 path, checkpoints, and the shared tied table."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import slmkit
+from slmkit.nn.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def text_ids(smollm2_gguf, shared_data):
+    lm = slmkit.load(smollm2_gguf)
+    with (shared_data / "pretrain_corpus" / "nltk_gutenberg.jsonl").open() as f:
+        doc = json.loads(f.readline())
+    return lm.tokenizer.encode(" ".join(doc["text"].split()[1000:1600]))[:512]
+
+
+def perplexity(lm, ids) -> float:
+    logits = lm.logits(ids)[0]
+    return math.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_perplexity_within_one_percent_of_fp32(mode, smollm2_gguf, text_ids):
+    ref = perplexity(slmkit.load(smollm2_gguf), text_ids)
+    got = perplexity(slmkit.load(smollm2_gguf, quant=mode), text_ids)
+    assert abs(got / ref - 1) <= 0.01, f"{mode}: perplexity {got:.3f} vs fp32 {ref:.3f}"
+
+
+def test_quantized_linear_matches_its_dequantized_weight():
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128), torch.randn(3, 128)
+    q8, s8 = quantize_int8(w)
+    ref8 = x.bfloat16().float() @ (q8.float() * s8.bfloat16().float()[:, None]).T
+    assert torch.allclose(Int8Linear(q8, s8, None)(x), ref8, rtol=2e-2, atol=2e-2)
+    codes, scale, minimum = quantize_int4(w)
+    deq = codes.float().reshape(64, 4, 32) * scale[..., None] + minimum[..., None]
+    assert (deq.reshape(64, 128) - w).abs().max() <= scale.max() / 2 + 1e-6  # rounding error bound
+    ref4 = x @ deq.reshape(64, 128).T
+    assert torch.allclose(Int4Linear(codes, scale, minimum, None)(x), ref4, rtol=5e-2, atol=5e-2)
+
+
+def test_tied_table_is_held_once(smollm2_gguf):
+    lm = slmkit.load(smollm2_gguf, quant="int8")
+    model = lm.model
+    assert model.embed.head[0] is model.lm_head
+    table = model.lm_head.weight_int8
+    assert table.dtype == torch.int8 and table.shape == (49152, 576)
+    big = [t for t in list(model.parameters()) + list(model.buffers()) if t.numel() >= 49152 * 576]
+    assert len(big) == 1
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_slm_quantize_round_trip(mode, smollm2_gguf, text_ids, tmp_path):
+    out = tmp_path / f"smollm2-{mode}"
+    proc = subprocess.run([sys.executable, "-m", "slmkit", "quantize", str(smollm2_gguf), str(out), "--quant", mode],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    reloaded = slmkit.load(out)
+    assert reloaded.model.quant == mode
+    direct = slmkit.load(smollm2_gguf, quant=mode)
+    ids = text_ids[:64]
+    assert torch.equal(reloaded.logits(ids), direct.logits(ids))
+    answer = reloaded.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=16)
+    assert "Paris" in answer
