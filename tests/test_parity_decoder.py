@@ -86,3 +86,17 @@ def test_greedy_continuations_match_transformers(name, tmp_path):
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                               pad_token_id=0)[0, len(prompt):].tolist()
         assert completion.token_ids == ref, f"{name}: batched greedy continuation differs from transformers"
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma3"])
+def test_chunked_prefill_equals_one_pass(name, tmp_path):
+    from slmkit.engine.generate import prefill
+    from slmkit.engine.kv_cache import KVCache
+
+    _, ours = hf_model_and_ours(name, tmp_path)
+    ids, mask, positions = padded_batch(ours.cfg.vocab_size, lengths=(12, 7, 10))
+    whole = ours(ids, positions=positions, key_valid=mask.bool())[:, -1]
+    for chunk in (1, 3, 5):
+        cache = KVCache(ours.cfg, ids.shape[0], ids.shape[1], torch.float32)
+        got = prefill(ours, ids, positions, mask.bool(), cache, chunk=chunk)
+        assert (got - whole).abs().max().item() <= 1e-5, f"{name}: chunk {chunk}"

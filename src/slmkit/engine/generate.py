@@ -16,6 +16,9 @@ from .kv_cache import KVCache
 from .sampling import SamplingParams, next_tokens
 
 
+PREFILL_CHUNK = 256  # prompt tokens per forward pass during prefill
+
+
 @dataclass
 class Completion:
     text: str
@@ -102,8 +105,9 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
         else:
             generator.seed()  # a fresh random seed for this generator only; torch.seed() would reseed the global RNG
     cache = KVCache(cfg, b, t + params.max_new_tokens, model.dtype, device)
-    logits = model(ids, positions, key_valid[:, :t] if padded else None, cache, 0, last_only=True)[:, -1]
+    logits = prefill(model, ids, positions, key_valid if padded else None, cache)
     next_pos = positions[:, -1] + 1
+    penalize = params.repetition_penalty != 1.0
 
     for step in range(params.max_new_tokens):
         tokens = next_tokens(logits, params, seen, generator)
@@ -115,10 +119,22 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
             return
         slot = t + step
         key_valid[:, slot] = True
-        seen = torch.cat((seen, tokens[:, None]), dim=1)
+        if penalize:
+            seen = torch.cat((seen, tokens[:, None]), dim=1)
         logits = model(tokens[:, None], next_pos[:, None], key_valid[:, :slot + 1] if padded else None, cache,
                        slot, last_only=True)[:, -1]
         next_pos = next_pos + 1
+
+
+def prefill(model, ids, positions, key_valid, cache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Run the prompts through the model ``chunk`` tokens at a time (bounded activation memory);
+    return the last position's logits [B, V]."""
+    t = ids.shape[1]
+    for start in range(0, t, chunk):
+        end = min(start + chunk, t)
+        kv = None if key_valid is None else key_valid[:, :end]
+        logits = model(ids[:, start:end], positions[:, start:end], kv, cache, start, last_only=True)
+    return logits[:, -1]
 
 
 def _text(tokenizer, ids: list[int]) -> str:
