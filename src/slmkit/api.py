@@ -85,6 +85,9 @@ class LM:
     @torch.inference_mode()
     def logits(self, token_ids) -> torch.Tensor:
         """Logits [batch, time, vocab] (float32) for token ids: a list, a list of equal-length lists, or a tensor."""
+        if isinstance(token_ids, (list, tuple)) and token_ids and isinstance(token_ids[0], (list, tuple)):
+            if len({len(row) for row in token_ids}) > 1:
+                raise SlmError("lm.logits needs rows of equal length; score ragged rows one at a time")
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         if ids.dim() == 1:
             ids = ids[None]
@@ -131,11 +134,18 @@ class LM:
             "compute_dtype": str(self.model.dtype).replace("torch.", ""),
             "quantization": self.model.quant,
             "tensor_types": {f"{g} [{k}]": n for (g, k), n in sorted(groups.items())},
-            "tokenizer": self.tokenizer.describe() if hasattr(self.tokenizer, "describe") else type(self.tokenizer).__name__,
+            "tokenizer": describe_tokenizer(self.tokenizer),
             "chat_template": self.tokenizer.chat_template is not None,
             "bos_id": self.tokenizer.bos_id,
             "eos_ids": sorted(self.eos_ids),
         }
+
+
+def describe_tokenizer(tokenizer: Tokenizer) -> str:
+    backend = tokenizer.backend
+    model = type(backend.model).__name__
+    pre = type(backend.pre_tokenizer).__name__ if backend.pre_tokenizer is not None else "none"
+    return f"{model}, {tokenizer.vocab_size} tokens, pre-tokenizer {pre}"
 
 
 def _tensor_group(name: str) -> str:
