@@ -1,8 +1,12 @@
 """slmkit: a workbench for small language models."""
 
-from .api import LM, load
-from .config import ModelConfig
-from .errors import SlmError
+from ._memory import limit_heap_growth
+
+limit_heap_growth()
+
+from .api import LM, load  # noqa: E402
+from .config import ModelConfig  # noqa: E402
+from .errors import SlmError  # noqa: E402
 
 __all__ = ["LM", "ModelConfig", "SlmError", "load"]
 __version__ = "0.1.0"

@@ -14,8 +14,8 @@ from .engine.generate import Completion, generate, iter_generate
 from .engine.sampling import SamplingParams
 from .errors import ModelFileError, SlmError
 from .formats.gguf import GGUFFile
-from .formats.gguf_model import read_gguf_model
-from .formats.compact import is_compact, read_compact, write_compact
+from .formats.gguf_model import open_gguf_model
+from .formats.compact import build_compact, compact_state, is_compact, read_compact, write_compact
 from .formats.hf import read_hf_config, read_hf_json, read_hf_state_dict, write_hf
 from .formats.registry import REGISTRY, resolve
 from .models.build import build_decoder
@@ -109,7 +109,7 @@ class LM:
         """Write a compact (int8 / int4) checkpoint that ``slmkit.load`` reads back quantized."""
         if self.model.quant != "none":
             raise SlmError("save_compact needs the float model; load it without quant=")
-        return write_compact(folder, self.model, self.tokenizer, mode)
+        return write_compact(folder, self.config, self.model.state_dict(), self.tokenizer, mode)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -198,9 +198,13 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", threads
         types = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
     else:
         gguf = GGUFFile(path)
-        cfg, state = read_gguf_model(gguf, torch_dtype)
+        cfg, weights = open_gguf_model(gguf)
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
         types = {n: info.type_name for n, info in gguf.tensors.items()}
+        if quant != "none":  # quantize tensor by tensor: the float model never exists whole
+            model = build_compact(cfg, compact_state(cfg, weights, quant), quant, torch_dtype, str(path))
+            return LM(model, tokenizer, str(path), types)
+        state = {k: weights[k].to(torch_dtype) for k in weights.keys()}
     model = build_decoder(cfg, state, torch_dtype, source=str(path))
     del state
     compact(model, quant)

@@ -8,7 +8,6 @@ norms and biases as they are. Written by ``slm quantize``; read by ``slmkit.load
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ..config import ModelConfig
 from ..errors import ModelFileError
 from ..models.compact import fuse
 from ..models.decoder import Decoder
+from ..nn.rope import inv_frequencies
 from ..nn.quant import INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear, check_mode, quantize_int4, quantize_int8
 from .hf import write_hf
 
@@ -33,37 +33,66 @@ def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
 
 
-def compact_state(model: Decoder, mode: str) -> dict[str, torch.Tensor]:
-    """Quantized tensors for a float ``model`` (fused q|k|v and gate|up), in slmkit key names."""
+def _fused_linears(cfg: ModelConfig) -> list[tuple[str, list[str]]]:
+    """(module name in the fused model, the unfused weights it concatenates) for every layer linear."""
+    out = []
+    for i in range(cfg.n_layers):
+        attn, mlp = f"layers.{i}.attn", f"layers.{i}.mlp"
+        out.append((f"{attn}.qkv", [f"{attn}.q", f"{attn}.k", f"{attn}.v"]))
+        out.append((f"{attn}.o", [f"{attn}.o"]))
+        if cfg.mlp == "gated":
+            out.append((f"{mlp}.gate_up", [f"{mlp}.gate", f"{mlp}.up"]))
+        else:
+            out.append((f"{mlp}.up", [f"{mlp}.up"]))
+        out.append((f"{mlp}.down", [f"{mlp}.down"]))
+    return out
+
+
+def _int8_table(weights, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 of a big table, a block of rows at a time when the source can stream rows."""
+    if not hasattr(weights, "row_chunks"):
+        return quantize_int8(weights[key])
+    q_parts, scale_parts = [], []
+    for chunk in weights.row_chunks(key, rows=1024):
+        q, scale = quantize_int8(chunk)
+        q_parts.append(q)
+        scale_parts.append(scale)
+        del chunk
+    q = torch.empty((sum(p.shape[0] for p in q_parts), q_parts[0].shape[1]), dtype=torch.int8)
+    torch.cat(q_parts, out=q)
+    return q, torch.cat(scale_parts)
+
+
+@torch.no_grad()
+def compact_state(cfg: ModelConfig, weights, mode: str) -> dict[str, torch.Tensor]:
+    """Quantized tensors, in the fused layout's key names, from float ``weights`` (any mapping
+    slmkit key -> tensor; a lazy one keeps only one float tensor alive at a time)."""
     mode = check_mode(mode)
-    model = fuse(copy.deepcopy(model))  # the caller's model keeps its unfused (HF-mappable) layout
     state: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or name == "lm_head":
-            continue
-        w = module.weight.detach()
+    for name, parts in _fused_linears(cfg):
+        w = torch.cat([weights[f"{p}.weight"].float() for p in parts])
         if mode == "int8":
             state[f"{name}.weight_int8"], state[f"{name}.scale"] = quantize_int8(w)
         else:
             codes, state[f"{name}.scale"], state[f"{name}.minimum"] = quantize_int4(w)
             state[f"{name}.codes"] = _pack_nibbles(codes)
-        if module.bias is not None:
-            state[f"{name}.bias"] = module.bias.detach().float()
+        del w
+        if f"{parts[0]}.bias" in weights:
+            state[f"{name}.bias"] = torch.cat([weights[f"{p}.bias"].float() for p in parts])
     # one int8 table for the embedding, and for the head when tied
-    state["embed.weight_int8"], state["embed.scale"] = quantize_int8(model.embed.weight.detach())
-    if model.lm_head is not None:
-        state["lm_head.weight_int8"], state["lm_head.scale"] = quantize_int8(model.lm_head.weight.detach())
-        if model.lm_head.bias is not None:
-            state["lm_head.bias"] = model.lm_head.bias.detach().float()
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            state[name] = p.detach().float()
+    state["embed.weight_int8"], state["embed.scale"] = _int8_table(weights, "embed.weight")
+    if not cfg.tie_word_embeddings:
+        state["lm_head.weight_int8"], state["lm_head.scale"] = _int8_table(weights, "lm_head.weight")
+        if "lm_head.bias" in weights:
+            state["lm_head.bias"] = weights["lm_head.bias"].float()
+    for key in weights.keys():
+        if "norm" in key:
+            state[key] = weights[key].float()
     return state
 
 
-def write_compact(folder: str | Path, model: Decoder, tokenizer, mode: str) -> Path:
-    cfg = model.cfg
-    state = compact_state(model, mode)
+def write_compact(folder: str | Path, cfg: ModelConfig, weights, tokenizer, mode: str) -> Path:
+    state = compact_state(cfg, weights, mode)
     extra = {"quantization_config": {"quant_method": QUANT_METHOD, "mode": mode, "group_size": INT4_GROUP}}
     return write_hf(folder, cfg, state, tokenizer, raw_state=True, extra_config=extra)
 
@@ -74,8 +103,8 @@ def is_compact(hf_config: dict) -> bool:
 
 def build_compact(cfg: ModelConfig, state: dict[str, torch.Tensor], mode: str, dtype: torch.dtype,
                   source: str) -> Decoder:
-    model = Decoder(cfg).to(dtype)
-    fuse(model)
+    with torch.device("meta"):
+        model = fuse(Decoder(cfg))
     try:
         for name, module in list(model.named_modules()):
             if not isinstance(module, nn.Linear) or name == "lm_head":
@@ -99,7 +128,9 @@ def build_compact(cfg: ModelConfig, state: dict[str, torch.Tensor], mode: str, d
         missing = [k for k, _ in model.named_parameters() if "norm" in k and k not in norms]
         if missing:
             raise KeyError(missing[0])
-        model.load_state_dict(norms, strict=False)
+        model.load_state_dict(norms, strict=False, assign=True)
+        model.inv_freq = inv_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling_factor)
+        model.inv_freq_local = inv_frequencies(cfg.rotary_dim, cfg.rope_local_theta)
     except KeyError as e:
         raise ModelFileError(f"{source}: compact checkpoint is missing tensor {e}") from None
     model.quant = mode

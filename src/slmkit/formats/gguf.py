@@ -144,20 +144,38 @@ class GGUFFile:
                     f"{info.offset + nbytes}, file has {size}"
                 )
             self.tensors[name] = info
+        # The header is parsed; tensor data is read on demand with plain file reads, so bytes that have
+        # been dequantized are not kept resident (a memory map would count them in RSS while open).
+        del cur
+        self._mmap = None
 
     @property
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
 
-    def raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes as a uint8 view into the memory map (no copy)."""
+    def raw(self, name: str, first_row: int = 0, n_rows: int | None = None) -> np.ndarray:
+        """The bytes of a tensor (or of rows ``first_row .. first_row + n_rows`` of a 2-D one) as uint8."""
         info = self.tensors[name]
-        return self._mmap[info.offset:info.offset + info.nbytes]
+        rows = info.shape[0] if len(info.shape) > 1 else 1
+        row_bytes = info.nbytes // rows
+        n_rows = rows - first_row if n_rows is None else n_rows
+        count = n_rows * row_bytes
+        data = np.fromfile(self.path, dtype=np.uint8, count=count, offset=info.offset + first_row * row_bytes)
+        if data.size != count:
+            raise ModelFileError(f"{self.path}: could not read tensor {name!r} (file changed or truncated)")
+        return data
 
     def tensor(self, name: str):
         """The tensor dequantized to a float32 torch tensor of its torch shape."""
         info = self.tensors[name]
         return dequantize(self.raw(name), info.ggml_type, info.shape)
+
+    def row_chunks(self, name: str, rows_per_chunk: int = 4096):
+        """Yield a 2-D tensor dequantized ``rows_per_chunk`` rows at a time (bounded memory for big tables)."""
+        info = self.tensors[name]
+        for start in range(0, info.shape[0], rows_per_chunk):
+            n = min(rows_per_chunk, info.shape[0] - start)
+            yield dequantize(self.raw(name, start, n), info.ggml_type, (n, *info.shape[1:]))
 
 
 def _type_name(ggml_type: int) -> str:

@@ -23,8 +23,8 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8: ``w ≈ q * scale[:, None]``."""
     w = w.float()
     scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+    scaled = w / scale[:, None]  # one float temporary, then rounded in place
+    return scaled.round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
