@@ -104,7 +104,7 @@ class Decoder(nn.Module):
         device = input_ids.device
         if positions is None:
             positions = torch.arange(start, start + t, device=device).expand(b, t)
-        x = self.embed(input_ids)
+        x = self.embed(input_ids).to(self.dtype)
         if self.cfg.embed_scale:
             x = x * torch.tensor(math.sqrt(self.cfg.hidden_size)).to(x.dtype)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
