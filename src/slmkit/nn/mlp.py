@@ -26,8 +26,12 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-            return self.down(self.act(gate) * up)
+            if isinstance(self.gate_up, nn.Linear):
+                gate, up = self.gate_up(x).chunk(2, dim=-1)
+                return self.down(self.act(gate) * up)
+            # quantized: the product feeds a bf16 matmul, so it stays bf16 (two casts fewer per layer)
+            gate, up = self.gate_up(x, out_dtype=torch.bfloat16).chunk(2, dim=-1)
+            return self.down(self.act(gate) * up, out_dtype=x.dtype)
         return self.down(self.act(self.gate(x)) * self.up(x))
 
 

@@ -53,11 +53,12 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scale.float()[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``out_dtype=torch.bfloat16`` skips the cast back when the next consumer takes bf16 anyway."""
         shape = x.shape
         y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scale)
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        y = y.to(out_dtype or x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class Int4Linear(nn.Module):
@@ -82,12 +83,12 @@ class Int4Linear(nn.Module):
         codes, scale, minimum = quantize_int4(linear.weight.detach())
         return cls(codes, scale, minimum, linear.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         shape = x.shape
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, self.group, self.scale_zero)
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        y = y.to(out_dtype or x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class Int8Embedding(nn.Module):
