@@ -100,3 +100,18 @@ def test_chunked_prefill_equals_one_pass(name, tmp_path):
         cache = KVCache(ours.cfg, ids.shape[0], ids.shape[1], torch.float32)
         got = prefill(ours, ids, positions, mask.bool(), cache, chunk=chunk)
         assert (got - whole).abs().max().item() <= 1e-5, f"{name}: chunk {chunk}"
+
+
+def test_sharded_safetensors_folder_loads(tmp_path):
+    """transformers' sharded layout (model.safetensors.index.json + shards) reads like a single file."""
+    hf_cfg = tiny_hf_configs()["llama-gqa"]
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+    randomize(hf)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    cfg = read_hf_config(tmp_path / "sharded")
+    ours = build_decoder(cfg, read_hf_state_dict(tmp_path / "sharded", cfg.family))
+    ids = torch.tensor([[5, 9, 3, 44, 7]])
+    with torch.no_grad():
+        assert (ours(ids) - hf.eval()(ids).logits).abs().max().item() <= 1e-4
