@@ -115,3 +115,10 @@ def test_sharded_safetensors_folder_loads(tmp_path):
     ids = torch.tensor([[5, 9, 3, 44, 7]])
     with torch.no_grad():
         assert (ours(ids) - hf.eval()(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", list(tiny_hf_configs()))
+def test_config_parameter_count_matches_the_model(name, tmp_path):
+    hf, ours = hf_model_and_ours(name, tmp_path)
+    assert ours.cfg.num_parameters() == sum(p.numel() for p in ours.parameters())
+    assert ours.cfg.num_parameters() == hf.num_parameters()

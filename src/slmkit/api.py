@@ -112,33 +112,51 @@ class LM:
         return write_compact(folder, self.config, self.model.state_dict(), self.tokenizer, mode)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return self.config.num_parameters()
 
     def info(self) -> dict:
-        groups: Counter = Counter()
-        for name, kind in self.tensor_types.items():
-            groups[(_tensor_group(name), kind)] += 1
-        cfg = self.config
-        return {
-            "source": self.source,
-            "family": cfg.family,
-            "layers": cfg.n_layers,
-            "hidden_size": cfg.hidden_size,
-            "heads": f"{cfg.n_heads} query / {cfg.n_kv_heads} key-value, head_dim {cfg.head_dim}",
-            "intermediate_size": cfg.intermediate_size,
-            "vocab_size": cfg.vocab_size,
-            "context_length": cfg.max_position_embeddings,
-            "rope_theta": cfg.rope_theta,
-            "tied_embeddings": cfg.tie_word_embeddings,
-            "parameters": self.num_parameters(),
-            "compute_dtype": str(self.model.dtype).replace("torch.", ""),
-            "quantization": self.model.quant,
-            "tensor_types": {f"{g} [{k}]": n for (g, k), n in sorted(groups.items())},
-            "tokenizer": describe_tokenizer(self.tokenizer),
-            "chat_template": self.tokenizer.chat_template is not None,
-            "bos_id": self.tokenizer.bos_id,
-            "eos_ids": sorted(self.eos_ids),
-        }
+        return model_info(self.config, self.tokenizer, self.source, self.tensor_types,
+                          str(self.model.dtype).replace("torch.", ""), self.model.quant)
+
+
+def model_info(cfg: ModelConfig, tokenizer: Tokenizer, source: str, tensor_types: dict[str, str],
+               compute_dtype: str, quant: str) -> dict:
+    """What ``slm info`` prints: architecture, size, storage types per tensor group, tokenizer."""
+    groups: Counter = Counter()
+    for name, kind in tensor_types.items():
+        groups[(_tensor_group(name), kind)] += 1
+    eos = set(tokenizer.eos_ids) | set(cfg.eos_ids)
+    return {
+        "source": source,
+        "family": cfg.family,
+        "layers": cfg.n_layers,
+        "hidden_size": cfg.hidden_size,
+        "heads": f"{cfg.n_heads} query / {cfg.n_kv_heads} key-value, head_dim {cfg.head_dim}",
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size,
+        "context_length": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "tied_embeddings": cfg.tie_word_embeddings,
+        "parameters": cfg.num_parameters(),
+        "compute_dtype": compute_dtype,
+        "quantization": quant,
+        "tensor_types": {f"{g} [{k}]": n for (g, k), n in sorted(groups.items())},
+        "tokenizer": describe_tokenizer(tokenizer),
+        "chat_template": tokenizer.chat_template is not None,
+        "bos_id": tokenizer.bos_id,
+        "eos_ids": sorted(eos),
+    }
+
+
+def describe(name_or_path: str | Path) -> dict:
+    """``model_info`` of a model without loading its weights (a GGUF is described from its header)."""
+    path = _resolve_path(name_or_path)
+    if path.is_file():
+        gguf = GGUFFile(path)
+        cfg, _ = open_gguf_model(gguf)
+        types = {n: info.type_name for n, info in gguf.tensors.items()}
+        return model_info(cfg, Tokenizer.from_gguf_metadata(gguf.metadata), str(path), types, "float32", "none")
+    return load(path).info()
 
 
 def describe_tokenizer(tokenizer: Tokenizer) -> str:
@@ -153,6 +171,20 @@ def _tensor_group(name: str) -> str:
     parts = name.split(".")
     digits = [i for i, p in enumerate(parts) if p.isdigit()]
     return ".".join(parts[digits[0] + 1:]) if digits else name
+
+
+def _resolve_path(name_or_path: str | Path) -> Path:
+    """A registry name, file or folder -> the file or folder to read (a folder holding one .gguf -> that file)."""
+    name = str(name_or_path)
+    path = resolve(name) if name in REGISTRY else Path(name).expanduser()
+    if not path.exists():
+        known = ", ".join(REGISTRY)
+        raise ModelFileError(f"{name}: no such file or folder, and not a registry name ({known})")
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").is_file() and len(ggufs) == 1:
+            path = ggufs[0]
+    return path
 
 
 def set_threads(threads: int | None) -> None:
@@ -174,15 +206,7 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", threads
     torch_dtype = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
     if torch_dtype is None:
         raise SlmError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    name = str(name_or_path)
-    path = resolve(name) if name in REGISTRY else Path(name).expanduser()
-    if not path.exists():
-        known = ", ".join(REGISTRY)
-        raise ModelFileError(f"{name}: no such file or folder, and not a registry name ({known})")
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").is_file() and len(ggufs) == 1:
-            path = ggufs[0]
+    path = _resolve_path(name_or_path)
     if path.is_dir() and is_compact(read_hf_json(path)):
         if quant != "none":
             raise SlmError(f"{path} is already a compact ({read_hf_json(path)['quantization_config']['mode']}) "

@@ -109,9 +109,9 @@ def cmd_chat(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .api import load
+    from .api import describe
 
-    info = load(args.model).info()
+    info = describe(args.model)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -97,6 +97,19 @@ class ModelConfig:
         eos = self.eos_token_id
         return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
 
+    def num_parameters(self) -> int:
+        """Parameter count of the architecture (a tied table counted once), whatever the storage format."""
+        d, hd, i = self.hidden_size, self.head_dim, self.intermediate_size
+        q, kv = self.n_heads * hd, self.n_kv_heads * hd
+        norm = d * (2 if self.norm_bias else 1)
+        attn = d * (q + 2 * kv) + q * d + (q + 2 * kv if self.qkv_bias else 0) + (d if self.attn_out_bias else 0)
+        attn += 2 * hd if self.qk_norm else 0
+        n_mats = 3 if self.mlp == "gated" else 2
+        mlp = n_mats * d * i + ((n_mats - 1) * i + d if self.mlp_bias else 0)
+        norms = norm * (1 + (0 if self.parallel_residual else 1) + (2 if self.sandwich_norm else 0))
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d + (self.vocab_size if self.lm_head_bias else 0)
+        return self.vocab_size * d + self.n_layers * (attn + mlp + norms) + norm + head
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
