@@ -105,3 +105,11 @@ def test_unknown_registry_name():
 def test_bad_sampling_value(smollm2_gguf):
     rc, _, err = run_slm("generate", "-m", str(smollm2_gguf), "hi", "--top-p", "0")
     assert_clean_error(rc, err, "top_p")
+
+
+def test_chat_turn_over_the_context_keeps_the_session(smollm2_gguf):
+    lines = "What is the capital of France?\n" + "word " * 9000 + "\nWhat is the capital of France?\n/exit\n"
+    rc, out, err = run_slm("chat", "-m", str(smollm2_gguf), "--max-new-tokens", "12", stdin=lines)
+    assert rc == 0, err
+    assert "context of 8192" in err and "Traceback" not in err
+    assert out.count("Paris") == 2  # answered before and after the oversized turn

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from .errors import SlmError
+from .errors import ContextLengthError, SlmError
 from .formats.registry import DEFAULT_MODEL, REGISTRY, locate
 
 
@@ -100,9 +100,14 @@ def cmd_chat(args) -> int:
             continue
         history.append({"role": "user", "content": text})
         reply = []
-        for piece in lm.chat(history, stream=True, **sampling):
-            reply.append(piece)
-            _write(piece)
+        try:
+            for piece in lm.chat(history, stream=True, **sampling):
+                reply.append(piece)
+                _write(piece)
+        except ContextLengthError as e:  # the conversation outgrew the model: say so, keep the session
+            history.pop()
+            print(f"slm: {e}; type /reset to start a new conversation", file=sys.stderr)
+            continue
         _write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})
     return 0
