@@ -18,7 +18,7 @@ from ..config import ModelConfig
 from ..errors import ModelFileError
 from ..models.compact import fuse
 from ..models.decoder import Decoder
-from ..nn.rope import inv_frequencies
+from ..nn.rope import interleave_permutation, inv_frequencies
 from ..nn.quant import INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear, check_mode, quantize_int4, quantize_int8
 from .hf import write_hf
 
@@ -63,14 +63,34 @@ def _int8_table(weights, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     return q, torch.cat(scale_parts)
 
 
+def can_interleave_rope(cfg: ModelConfig) -> bool:
+    """Interleaved q/k rows (see nn.rope) need full-width RoPE, no q/k norms and one RoPE table."""
+    return cfg.rotary_dim == cfg.head_dim and not cfg.qk_norm and cfg.sliding_window == 0
+
+
+def _interleaved(key: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """``t`` with the rows of each q/k head reordered into (i, i + d/2) pairs; other tensors as they are."""
+    if not key.endswith(("attn.q.weight", "attn.q.bias", "attn.k.weight", "attn.k.bias")):
+        return t
+    heads = t.shape[0] // cfg.head_dim
+    rows = t.reshape(heads, cfg.head_dim, -1)[:, interleave_permutation(cfg.head_dim)]
+    return rows.reshape(t.shape)
+
+
 @torch.no_grad()
 def compact_state(cfg: ModelConfig, weights, mode: str) -> dict[str, torch.Tensor]:
     """Quantized tensors, in the fused layout's key names, from float ``weights`` (any mapping
     slmkit key -> tensor; a lazy one keeps only one float tensor alive at a time)."""
     mode = check_mode(mode)
+    interleave = can_interleave_rope(cfg)
+
+    def fetch(key: str) -> torch.Tensor:
+        t = weights[key].float()
+        return _interleaved(key, t, cfg) if interleave else t
+
     state: dict[str, torch.Tensor] = {}
     for name, parts in _fused_linears(cfg):
-        w = torch.cat([weights[f"{p}.weight"].float() for p in parts])
+        w = torch.cat([fetch(f"{p}.weight") for p in parts])
         if mode == "int8":
             state[f"{name}.weight_int8"], state[f"{name}.scale"] = quantize_int8(w)
         else:
@@ -78,7 +98,7 @@ def compact_state(cfg: ModelConfig, weights, mode: str) -> dict[str, torch.Tenso
             state[f"{name}.codes"] = _pack_nibbles(codes)
         del w
         if f"{parts[0]}.bias" in weights:
-            state[f"{name}.bias"] = torch.cat([weights[f"{p}.bias"].float() for p in parts])
+            state[f"{name}.bias"] = torch.cat([fetch(f"{p}.bias") for p in parts])
     # one int8 table for the embedding, and for the head when tied
     state["embed.weight_int8"], state["embed.scale"] = _int8_table(weights, "embed.weight")
     if not cfg.tie_word_embeddings:
@@ -93,7 +113,8 @@ def compact_state(cfg: ModelConfig, weights, mode: str) -> dict[str, torch.Tenso
 
 def write_compact(folder: str | Path, cfg: ModelConfig, weights, tokenizer, mode: str) -> Path:
     state = compact_state(cfg, weights, mode)
-    extra = {"quantization_config": {"quant_method": QUANT_METHOD, "mode": mode, "group_size": INT4_GROUP}}
+    extra = {"quantization_config": {"quant_method": QUANT_METHOD, "mode": mode, "group_size": INT4_GROUP,
+                                     "rope_layout": "interleaved" if can_interleave_rope(cfg) else "half"}}
     return write_hf(folder, cfg, state, tokenizer, raw_state=True, extra_config=extra)
 
 
@@ -102,7 +123,10 @@ def is_compact(hf_config: dict) -> bool:
 
 
 def build_compact(cfg: ModelConfig, state: dict[str, torch.Tensor], mode: str, dtype: torch.dtype,
-                  source: str) -> Decoder:
+                  source: str, rope_interleaved: bool | None = None) -> Decoder:
+    """The compact model for ``state`` (from :func:`compact_state`, which interleaves q/k rows when it can)."""
+    if rope_interleaved is None:
+        rope_interleaved = can_interleave_rope(cfg)
     with torch.device("meta"):
         model = fuse(Decoder(cfg))
     try:
@@ -129,6 +153,8 @@ def build_compact(cfg: ModelConfig, state: dict[str, torch.Tensor], mode: str, d
         if missing:
             raise KeyError(missing[0])
         model.load_state_dict(norms, strict=False, assign=True)
+        for layer in model.layers:
+            layer.attn.rope_interleaved = rope_interleaved
         model.inv_freq = inv_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling_factor)
         model.inv_freq_local = inv_frequencies(cfg.rotary_dim, cfg.rope_local_theta)
     except KeyError as e:
@@ -139,5 +165,6 @@ def build_compact(cfg: ModelConfig, state: dict[str, torch.Tensor], mode: str, d
 
 def read_compact(folder: Path, hf_config: dict, state: dict[str, torch.Tensor], dtype: torch.dtype) -> Decoder:
     cfg = ModelConfig.from_hf(hf_config)
-    mode = check_mode(hf_config["quantization_config"].get("mode"))
-    return build_compact(cfg, state, mode, dtype, str(folder))
+    qc = hf_config["quantization_config"]
+    mode = check_mode(qc.get("mode"))
+    return build_compact(cfg, state, mode, dtype, str(folder), qc.get("rope_layout", "half") == "interleaved")

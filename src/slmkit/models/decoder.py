@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from ..nn.attention import Attention
 from ..nn.mlp import GatedMLP, PlainMLP
 from ..nn.norms import make_norm
-from ..nn.rope import inv_frequencies, rope_cos_sin
+from ..nn.rope import inv_frequencies, rope_cis, rope_cos_sin
 
 
 class Block(nn.Module):
@@ -83,6 +83,8 @@ class Decoder(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:  # tied to the embedding table
             return F.linear(h, self.embed.weight)
+        if hasattr(self.lm_head, "forward_refined"):  # compact head: exact logits where they matter
+            return self.lm_head.forward_refined(h)
         return self.lm_head(h)
 
     def forward(
@@ -107,7 +109,10 @@ class Decoder(nn.Module):
         x = self.embed(input_ids).to(self.dtype)
         if self.cfg.embed_scale:
             x = x * torch.tensor(math.sqrt(self.cfg.hidden_size)).to(x.dtype)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        if self.layers[0].attn.rope_interleaved:  # compact checkpoint: complex rotations, one table
+            cos, sin = rope_cis(positions, self.inv_freq), None
+        else:
+            cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         local = (cos, sin)
         if self.cfg.rope_local_theta != self.cfg.rope_theta or self.cfg.rope_scaling_factor != 1.0:
             local = rope_cos_sin(positions, self.inv_freq_local, x.dtype)

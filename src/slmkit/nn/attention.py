@@ -8,7 +8,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .norms import RMSNorm
-from .rope import apply_rope
+from .rope import apply_rope, apply_rope_interleaved
 
 
 class Attention(nn.Module):
@@ -21,6 +21,7 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attn_out_bias)
         self.qkv = None  # set by models.compact.fuse: one matmul for q|k|v
+        self.rope_interleaved = False  # set by formats.compact for checkpoints with interleaved q/k rows
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
@@ -34,17 +35,20 @@ class Attention(nn.Module):
         query attends over slots ``0 .. start+T``.
         """
         b, t, _ = x.shape
-        if self.qkv is not None:
+        if self.rope_interleaved:
+            q, k, v = self._project_interleaved(x, cos)
+        elif self.qkv is not None:
             kv_width = self.n_kv_heads * self.head_dim
             q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
         else:
             q, k, v = self.q(x), self.k(x), self.v(x)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not self.rope_interleaved:
+            q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v, start)
         if t == 1:
@@ -54,6 +58,16 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _project_interleaved(self, x, cis):
+        """q, k, v [B, heads, T, D] from the fused projection, RoPE applied to q|k in one multiply."""
+        b, t, _ = x.shape
+        qk_width = (self.n_heads + self.n_kv_heads) * self.head_dim
+        out = self.qkv(x)
+        qk = apply_rope_interleaved(out[..., :qk_width].reshape(b, t, -1, self.head_dim), cis)
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
+        v = out[..., qk_width:].reshape(b, t, self.n_kv_heads, self.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _attend_one(self, q, k, v, mask):
         """Attention for a single new token per row: two small matmuls, the query heads of each

@@ -33,3 +33,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         return x * cos + _rotate_half(x) * sin
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+# --- interleaved layout (compact models) ---------------------------------------------------------
+# Compact checkpoints store q/k rows of each head reordered so dims (i, i + d/2) sit side by side as
+# (2i, 2i+1). Attention scores are unchanged (q and k are permuted alike), and RoPE becomes one complex
+# multiply over q|k together instead of five ops each on q and k.
+
+
+def interleave_permutation(head_dim: int) -> torch.Tensor:
+    """Row order within a head: new row 2i = old row i, new row 2i+1 = old row i + head_dim/2."""
+    half = torch.arange(head_dim // 2)
+    return torch.stack((half, half + head_dim // 2), dim=-1).flatten()
+
+
+def rope_cis(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Unit complex rotations [batch, time, 1, rotary_dim/2] for :func:`apply_rope_interleaved`."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
+    return torch.polar(torch.ones_like(freqs), freqs)[:, :, None]
+
+
+def apply_rope_interleaved(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [batch, time, heads, head_dim] whose dims are interleaved (2i, 2i+1) pairs."""
+    b, t, h, d = x.shape
+    pairs = torch.view_as_complex(x.float().reshape(b, t, h, d // 2, 2))
+    return torch.view_as_real(pairs * cis).reshape(b, t, h, d).to(x.dtype)
