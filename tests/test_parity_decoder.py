@@ -122,3 +122,18 @@ def test_config_parameter_count_matches_the_model(name, tmp_path):
     hf, ours = hf_model_and_ours(name, tmp_path)
     assert ours.cfg.num_parameters() == sum(p.numel() for p in ours.parameters())
     assert ours.cfg.num_parameters() == hf.num_parameters()
+
+
+def test_missing_tensor_is_named_on_a_quantized_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from slmkit.errors import ModelFileError
+    from slmkit.formats.compact import compact_state
+
+    hf_model_and_ours("llama-gqa", tmp_path)
+    folder = tmp_path / "llama-gqa"
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = read_hf_config(folder)
+    with pytest.raises(ModelFileError, match="layers.1.mlp.up.weight"):
+        compact_state(cfg, read_hf_state_dict(folder, cfg.family), "int8", str(folder))

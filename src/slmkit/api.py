@@ -19,7 +19,6 @@ from .formats.compact import build_compact, compact_state, is_compact, read_comp
 from .formats.hf import read_hf_config, read_hf_json, read_hf_state_dict, write_hf
 from .formats.registry import REGISTRY, resolve
 from .models.build import build_decoder
-from .models.compact import compact
 from .models.decoder import Decoder
 from .nn.quant import check_mode
 from .tokenizer import Tokenizer
@@ -109,7 +108,7 @@ class LM:
         """Write a compact (int8 / int4) checkpoint that ``slmkit.load`` reads back quantized."""
         if self.model.quant != "none":
             raise SlmError("save_compact needs the float model; load it without quant=")
-        return write_compact(folder, self.config, self.model.state_dict(), self.tokenizer, mode)
+        return write_compact(folder, self.config, self.model.state_dict(), self.tokenizer, mode, self.source)
 
     def num_parameters(self) -> int:
         return self.config.num_parameters()
@@ -198,7 +197,7 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", threads
          quant: str | None = None) -> LM:
     """Load a registry name, a ``.gguf`` file, or a Hugging Face folder.
 
-    ``quant`` (``int8`` or ``int4``) makes the weights compact for fast CPU decoding (see models.compact).
+    ``quant`` (``int8`` or ``int4``) makes the weights compact for fast CPU decoding (see formats.compact).
     """
     quant = check_mode(quant)
     if threads is not None:
@@ -207,29 +206,28 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", threads
     if torch_dtype is None:
         raise SlmError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     path = _resolve_path(name_or_path)
-    if path.is_dir() and is_compact(read_hf_json(path)):
-        if quant != "none":
-            raise SlmError(f"{path} is already a compact ({read_hf_json(path)['quantization_config']['mode']}) "
-                           f"checkpoint; load it without quant=")
-        state = read_hf_state_dict(path, None)
-        model = read_compact(path, read_hf_json(path), state, torch_dtype)
-        types = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
-        return LM(model, Tokenizer.from_hf_dir(path), str(path), types)
     if path.is_dir():
+        hf_json = read_hf_json(path)
+        if is_compact(hf_json):
+            if quant != "none":
+                raise SlmError(f"{path} is already a compact ({hf_json['quantization_config'].get('mode')}) "
+                               f"checkpoint; load it without quant=")
+            state = read_hf_state_dict(path, None)
+            model = read_compact(path, hf_json, state, torch_dtype)
+            types = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
+            return LM(model, Tokenizer.from_hf_dir(path), str(path), types)
         cfg = read_hf_config(path)
-        state = read_hf_state_dict(path, cfg.family)
+        weights = read_hf_state_dict(path, cfg.family)
         tokenizer = Tokenizer.from_hf_dir(path)
-        types = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
+        types = {k: str(v.dtype).replace("torch.", "") for k, v in weights.items()}
     else:
         gguf = GGUFFile(path)
-        cfg, weights = open_gguf_model(gguf)
+        cfg, weights = open_gguf_model(gguf)  # lazy: each tensor is dequantized when asked for
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
         types = {n: info.type_name for n, info in gguf.tensors.items()}
-        if quant != "none":  # quantize tensor by tensor: the float model never exists whole
-            model = build_compact(cfg, compact_state(cfg, weights, quant), quant, torch_dtype, str(path))
-            return LM(model, tokenizer, str(path), types)
-        state = {k: weights[k].to(torch_dtype) for k in weights.keys()}
-    model = build_decoder(cfg, state, torch_dtype, source=str(path))
-    del state
-    compact(model, quant)
+    if quant != "none":  # quantized tensor by tensor: the float model never exists whole
+        model = build_compact(cfg, compact_state(cfg, weights, quant, str(path)), quant, torch_dtype, str(path))
+    else:
+        model = build_decoder(cfg, {k: weights[k].to(torch_dtype) for k in weights.keys()}, torch_dtype,
+                              source=str(path))
     return LM(model, tokenizer, str(path), types)

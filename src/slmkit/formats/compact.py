@@ -52,15 +52,8 @@ def _int8_table(weights, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row int8 of a big table, a block of rows at a time when the source can stream rows."""
     if not hasattr(weights, "row_chunks"):
         return quantize_int8(weights[key])
-    q_parts, scale_parts = [], []
-    for chunk in weights.row_chunks(key, rows=1024):
-        q, scale = quantize_int8(chunk)
-        q_parts.append(q)
-        scale_parts.append(scale)
-        del chunk
-    q = torch.empty((sum(p.shape[0] for p in q_parts), q_parts[0].shape[1]), dtype=torch.int8)
-    torch.cat(q_parts, out=q)
-    return q, torch.cat(scale_parts)
+    parts = [quantize_int8(chunk) for chunk in weights.row_chunks(key, rows=1024)]
+    return torch.cat([q for q, _ in parts]), torch.cat([scale for _, scale in parts])
 
 
 def can_interleave_rope(cfg: ModelConfig) -> bool:
@@ -77,11 +70,17 @@ def _interleaved(key: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return rows.reshape(t.shape)
 
 
-@torch.no_grad()
-def compact_state(cfg: ModelConfig, weights, mode: str) -> dict[str, torch.Tensor]:
+def compact_state(cfg: ModelConfig, weights, mode: str, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Quantized tensors, in the fused layout's key names, from float ``weights`` (any mapping
     slmkit key -> tensor; a lazy one keeps only one float tensor alive at a time)."""
-    mode = check_mode(mode)
+    try:
+        return _compact_state(cfg, weights, check_mode(mode))
+    except KeyError as e:
+        raise ModelFileError(f"{source}: weights do not match the architecture: missing tensor {e}") from None
+
+
+@torch.no_grad()
+def _compact_state(cfg: ModelConfig, weights, mode: str) -> dict[str, torch.Tensor]:
     interleave = can_interleave_rope(cfg)
 
     def fetch(key: str) -> torch.Tensor:
@@ -111,8 +110,9 @@ def compact_state(cfg: ModelConfig, weights, mode: str) -> dict[str, torch.Tenso
     return state
 
 
-def write_compact(folder: str | Path, cfg: ModelConfig, weights, tokenizer, mode: str) -> Path:
-    state = compact_state(cfg, weights, mode)
+def write_compact(folder: str | Path, cfg: ModelConfig, weights, tokenizer, mode: str,
+                  source: str = "checkpoint") -> Path:
+    state = compact_state(cfg, weights, mode, source)
     extra = {"quantization_config": {"quant_method": QUANT_METHOD, "mode": mode, "group_size": INT4_GROUP,
                                      "rope_layout": "interleaved" if can_interleave_rope(cfg) else "half"}}
     return write_hf(folder, cfg, state, tokenizer, raw_state=True, extra_config=extra)

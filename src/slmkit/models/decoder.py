@@ -70,7 +70,7 @@ class Decoder(nn.Module):
         self.register_buffer("inv_freq_local", inv_frequencies(cfg.rotary_dim, cfg.rope_local_theta),
                              persistent=False)
 
-    quant = "none"  # set by models.compact.compact
+    quant = "none"  # set by formats.compact.build_compact
 
     @property
     def dtype(self) -> torch.dtype:

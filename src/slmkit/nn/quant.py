@@ -45,14 +45,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(torch.bfloat16).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        q, scale = quantize_int8(linear.weight.detach())
-        return cls(q, scale, linear.bias)
-
-    def dequantized(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.scale.float()[:, None]
-
     def forward_refined(self, x: torch.Tensor) -> torch.Tensor:
         """Output-head logits: the fast bf16 kernel for every row, then the entries within a few bf16
         steps of each row's maximum recomputed in fp32. bf16 keeps 3 significant digits (at 25.0 a step
@@ -94,11 +86,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale_zero", scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
-        codes, scale, minimum = quantize_int4(linear.weight.detach())
-        return cls(codes, scale, minimum, linear.bias)
-
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         shape = x.shape
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -114,10 +101,6 @@ class Int8Embedding(nn.Module):
         super().__init__()
         self.head = [head]  # a list, so the shared tensors are not registered (and saved) twice
 
-    @property
-    def weight(self) -> torch.Tensor:  # for code that asks for the dtype / device
-        return self.head[0].scale
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         head = self.head[0]
         return head.weight_int8[ids].float() * head.scale[ids].float()[..., None]
@@ -132,14 +115,6 @@ def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
     if has_bias:
         fused.bias = nn.Parameter(torch.cat([l.bias.detach() for l in linears]), requires_grad=False)
     return fused
-
-
-def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
-    if mode == "int8":
-        return Int8Linear.from_linear(linear)
-    if mode == "int4":
-        return Int4Linear.from_linear(linear)
-    return linear
 
 
 def check_mode(mode: str | None) -> str:
