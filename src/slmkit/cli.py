@@ -5,6 +5,7 @@
     slm info MODEL                      architecture, parameters, tensor types, tokenizer
     slm quantize MODEL OUT --quant int8 write a compact checkpoint (load it like any model)
     slm models                          registry names and where each comes from
+    slm eval MODEL --tasks a,b          benchmarks (tasks as YAML data), lm-evaluation-harness formats
 """
 
 from __future__ import annotations
@@ -139,6 +140,28 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .api import load
+    from .eval import builtin_tasks, evaluate, format_table, load_task
+
+    if args.list_tasks:
+        for name in builtin_tasks():
+            task = load_task(name)
+            print(f"{name:<16} {task.kind:<16} {task.data.path}")
+        return 0
+    if not args.tasks:
+        raise SlmError("give --tasks (comma-separated names or .yaml files); --list-tasks shows the built-in ones")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    loaded = [load_task(t) for t in tasks]  # a bad task name fails before the model loads
+    lm = load(args.model, dtype=args.dtype, threads=args.threads, quant=args.quant)
+    report = evaluate(lm, loaded, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                      seed=args.seed, max_length=args.max_length, data_dir=args.data_dir, output=args.output)
+    print(format_table(report))
+    if args.output:
+        print(f"results and per-sample records: {args.output}", file=sys.stderr)
+    return 0
+
+
 def cmd_models(args) -> int:
     for name, entry in REGISTRY.items():
         path = locate(entry)
@@ -175,6 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="folder to write")
     p.add_argument("--quant", default="int8", choices=["int8", "int4"])
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="score a model on benchmark tasks")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="registry name, .gguf file or HF folder")
+    p.add_argument("--tasks", default=None, help="comma-separated task names or task .yaml files")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed")
+    p.add_argument("--max-length", type=int, default=None, help="context window to score in (default: model's)")
+    p.add_argument("--data-dir", default=None, help="folder for the tasks' relative data paths "
+                                                     "(default $SLMKIT_DATA)")
+    p.add_argument("--output", default=None, help="write results and per-sample records to this JSON file")
+    p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("models", help="list registry names")
     p.set_defaults(func=cmd_models)

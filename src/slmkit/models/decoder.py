@@ -95,13 +95,24 @@ class Decoder(nn.Module):
         cache=None,
         start: int = 0,
         last_only: bool = False,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for ``input_ids`` [B, T].
 
         ``positions`` [B, T] are RoPE positions (default ``start + arange(T)``); ``key_valid`` [B, S] marks
         the storage slots (cached and new) holding real tokens, so left padding is never attended to.
         With ``last_only`` only the last position's logits are computed (generation).
+        ``attn_mask`` [B, T, T] (True = may attend) replaces the causal mask, for packed sequences that
+        share a prefix (see ``features``).
         """
+        x = self.features(input_ids, positions, key_valid, cache, start, attn_mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(x)
+
+    def features(self, input_ids, positions=None, key_valid=None, cache=None, start: int = 0,
+                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final normed hidden states [B, T, D]: ``forward`` without the output head."""
         b, t = input_ids.shape
         device = input_ids.device
         if positions is None:
@@ -116,13 +127,14 @@ class Decoder(nn.Module):
         local = (cos, sin)
         if self.cfg.rope_local_theta != self.cfg.rope_theta or self.cfg.rope_scaling_factor != 1.0:
             local = rope_cos_sin(positions, self.inv_freq_local, x.dtype)
-        masks = attention_masks(self.cfg, t, start, key_valid, device)
+        if attn_mask is not None:
+            masks = custom_masks(self.cfg, attn_mask, positions)
+        else:
+            masks = attention_masks(self.cfg, t, start, key_valid, device)
         for layer in self.layers:
             c, s = local if layer.sliding else (cos, sin)
             x = layer(x, c, s, masks[layer.sliding], cache, start)
-        if last_only:
-            x = x[:, -1:]
-        return self.head(self.norm(x))
+        return self.norm(x)
 
 
 def attention_masks(cfg: ModelConfig, t: int, start: int, key_valid, device):
@@ -146,3 +158,13 @@ def attention_masks(cfg: ModelConfig, t: int, start: int, key_valid, device):
         full = full[None]
     sliding = full & (q_slot - k_slot < cfg.sliding_window) if cfg.sliding_window else full
     return {False: full[:, None], True: sliding[:, None]}
+
+
+def custom_masks(cfg: ModelConfig, attn_mask: torch.Tensor, positions: torch.Tensor):
+    """(full, sliding) masks [B, 1, T, T] from a caller's mask; sliding layers also limit the distance in
+    RoPE positions, which in a packed sequence differ from slot indices."""
+    full = attn_mask[:, None]
+    if not cfg.sliding_window:
+        return {False: full, True: full}
+    near = (positions[:, :, None] - positions[:, None, :]) < cfg.sliding_window
+    return {False: full, True: full & near[:, None]}

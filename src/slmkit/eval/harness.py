@@ -1,0 +1,90 @@
+"""``evaluate``: run several tasks on a model and write one JSON report (summary plus sample records)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import __version__
+from ..errors import SlmError
+from .runner import Evaluator
+from .task import Task, load_task
+
+
+def evaluate(model, tasks: Sequence[str | Task], *, limit: int | None = None, num_fewshot: int | None = None,
+             batch_size: int = 16, seed: int = 1234, max_length: int | None = None,
+             data_dir: str | Path | None = None, output: str | Path | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Score ``tasks`` (names, YAML paths or Task objects) on ``model`` (an ``slmkit.LM`` or a name/path
+    for ``slmkit.load``). Returns ``{"config", "results", "samples"}``; with ``output`` also writes it."""
+    if isinstance(model, (str, Path)):
+        from ..api import load
+        model = load(model)
+    if not tasks:
+        raise SlmError("no tasks given")
+    loaded = [t if isinstance(t, Task) else load_task(t) for t in tasks]
+    names = [t.name for t in loaded]
+    if len(set(names)) != len(names):
+        raise SlmError(f"a task is listed twice: {', '.join(names)}")
+    if output is not None:
+        _check_writable(Path(output))
+    evaluator = Evaluator(model, batch_size=batch_size, max_length=max_length, seed=seed, data_dir=data_dir,
+                          progress=progress)
+    report: dict[str, Any] = {
+        "config": {"model": model.source, "dtype": str(model.model.dtype).replace("torch.", ""),
+                   "quant": model.model.quant, "tasks": names, "limit": limit, "num_fewshot": num_fewshot,
+                   "batch_size": batch_size, "seed": seed, "max_length": evaluator.max_length,
+                   "data_dir": str(data_dir) if data_dir else os.environ.get("SLMKIT_DATA"),
+                   "slmkit": __version__, "python": platform.python_version()},
+        "results": {}, "samples": {},
+    }
+    for task in loaded:
+        started = time.perf_counter()
+        out = evaluator.run(task, limit=limit, num_fewshot=num_fewshot)
+        out["result"]["seconds"] = round(time.perf_counter() - started, 2)
+        out["result"]["source"] = task.source
+        report["results"][task.name] = out["result"]
+        report["samples"][task.name] = out["samples"]
+    if output is not None:
+        write_json(Path(output), report)
+    return report
+
+
+def _check_writable(path: Path) -> None:
+    if path.is_dir():
+        raise SlmError(f"{path} is a folder; give a file name for the results")
+    if not path.parent.exists():
+        raise SlmError(f"{path.parent}: folder does not exist")
+
+
+def write_json(path: Path, report: dict) -> None:
+    """Write atomically: a crash never leaves a half-written results file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=1, allow_nan=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_table(report: dict) -> str:
+    """A plain-text summary: one line per task and metric, with the standard error."""
+    lines = [f"{'task':<16} {'n':>6} {'shots':>5}  {'metric':<24} {'value':>10} {'± stderr':>10}"]
+    for name, res in report["results"].items():
+        metrics = [k for k in res if k + "_stderr" in res]
+        for i, m in enumerate(metrics):
+            value, err = res[m], res[m + "_stderr"]
+            pct = m.startswith(("acc", "exact_match", "macro_f1"))
+            shown = f"{100 * value:.2f}" if pct else f"{value:.4f}"
+            shown_err = "" if math.isnan(err) else (f"{100 * err:.2f}" if pct else f"{err:.4f}")
+            head = (name, str(res["n"]), str(res["num_fewshot"])) if i == 0 else ("", "", "")
+            lines.append(f"{head[0]:<16} {head[1]:>6} {head[2]:>5}  {m:<24} {shown:>10} {shown_err:>10}")
+    return "\n".join(lines)
