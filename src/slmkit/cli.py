@@ -143,6 +143,7 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     from .api import load
     from .eval import builtin_tasks, evaluate, format_table, load_task
+    from .eval.harness import check_inputs
 
     if args.list_tasks:
         for name in builtin_tasks():
@@ -152,7 +153,8 @@ def cmd_eval(args) -> int:
     if not args.tasks:
         raise SlmError("give --tasks (comma-separated names or .yaml files); --list-tasks shows the built-in ones")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    loaded = [load_task(t) for t in tasks]  # a bad task name fails before the model loads
+    loaded = check_inputs(tasks, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                          data_dir=args.data_dir, output=args.output)  # before the model loads
     lm = load(args.model, dtype=args.dtype, threads=args.threads, quant=args.quant)
     report = evaluate(lm, loaded, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
                       seed=args.seed, max_length=args.max_length, data_dir=args.data_dir, output=args.output)

@@ -36,6 +36,16 @@ def resolve(path: str | Path, data_dir: str | Path | None = None) -> Path:
     return p if p.is_absolute() else data_root(data_dir) / p
 
 
+def check_file(path: str | Path, data_dir: str | Path | None = None) -> Path:
+    """The data file's full path; a clear error when it is not there."""
+    full = resolve(path, data_dir)
+    if not full.is_file():
+        hint = "" if Path(path).is_absolute() else f" (relative paths are read under {data_root(data_dir)}; " \
+                                                  f"set --data-dir or SLMKIT_DATA)"
+        raise DataError(f"{full}: evaluation data file not found{hint}")
+    return full
+
+
 def _open_text(path: Path, encoding: str) -> str:
     raw = path.read_bytes()
     if path.suffix == ".bz2":
@@ -50,11 +60,7 @@ def read_records(path: str | Path, fmt: str, *, data_dir: str | Path | None = No
     """All records of one data file as dicts (see the module docstring for the formats)."""
     if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r} (choose from {', '.join(FORMATS)})")
-    full = resolve(path, data_dir)
-    if not full.is_file():
-        hint = "" if Path(path).is_absolute() else f" (relative paths are read under {data_root(data_dir)}; " \
-                                                  f"set --data-dir or SLMKIT_DATA)"
-        raise DataError(f"{full}: evaluation data file not found{hint}")
+    full = check_file(path, data_dir)
     try:
         text = _open_text(full, encoding)
     except (OSError, UnicodeDecodeError, EOFError, ValueError) as e:

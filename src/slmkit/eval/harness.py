@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from .. import __version__
 from ..errors import SlmError
+from .data import check_file
 from .runner import Evaluator
 from .task import Task, load_task
 
@@ -23,17 +24,12 @@ def evaluate(model, tasks: Sequence[str | Task], *, limit: int | None = None, nu
              progress: bool = True) -> dict[str, Any]:
     """Score ``tasks`` (names, YAML paths or Task objects) on ``model`` (an ``slmkit.LM`` or a name/path
     for ``slmkit.load``). Returns ``{"config", "results", "samples"}``; with ``output`` also writes it."""
+    loaded = check_inputs(tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                          data_dir=data_dir, output=output)
     if isinstance(model, (str, Path)):
         from ..api import load
         model = load(model)
-    if not tasks:
-        raise SlmError("no tasks given")
-    loaded = [t if isinstance(t, Task) else load_task(t) for t in tasks]
     names = [t.name for t in loaded]
-    if len(set(names)) != len(names):
-        raise SlmError(f"a task is listed twice: {', '.join(names)}")
-    if output is not None:
-        _check_writable(Path(output))
     evaluator = Evaluator(model, batch_size=batch_size, max_length=max_length, seed=seed, data_dir=data_dir,
                           progress=progress)
     report: dict[str, Any] = {
@@ -56,11 +52,33 @@ def evaluate(model, tasks: Sequence[str | Task], *, limit: int | None = None, nu
     return report
 
 
-def _check_writable(path: Path) -> None:
-    if path.is_dir():
-        raise SlmError(f"{path} is a folder; give a file name for the results")
-    if not path.parent.exists():
-        raise SlmError(f"{path.parent}: folder does not exist")
+def check_inputs(tasks: Sequence[str | Task], *, limit: int | None = None, num_fewshot: int | None = None,
+                 batch_size: int = 16, data_dir: str | Path | None = None,
+                 output: str | Path | None = None) -> list[Task]:
+    """Every mistake that can be found without the model: tasks, data files, numbers, the output path."""
+    if not tasks:
+        raise SlmError("no tasks given")
+    loaded = [t if isinstance(t, Task) else load_task(t) for t in tasks]
+    names = [t.name for t in loaded]
+    if len(set(names)) != len(names):
+        raise SlmError(f"a task is listed twice: {', '.join(names)}")
+    if limit is not None and limit < 1:
+        raise SlmError(f"limit must be >= 1, got {limit}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise SlmError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    if batch_size < 1:
+        raise SlmError(f"batch size must be >= 1, got {batch_size}")
+    for task in loaded:
+        for spec in (task.data, task.fewshot_data):
+            if spec is not None:
+                check_file(spec.path, data_dir)
+    if output is not None:
+        path = Path(output)
+        if path.is_dir():
+            raise SlmError(f"{path} is a folder; give a file name for the results")
+        if not path.parent.exists():
+            raise SlmError(f"{path.parent}: folder does not exist")
+    return loaded
 
 
 def write_json(path: Path, report: dict) -> None:

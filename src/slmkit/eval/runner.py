@@ -130,13 +130,8 @@ class Evaluator:
                 continue
             context = prefix + task.prompt_text(doc)
             pairs = [self.encode_pair(context, task.target_delimiter + c) for c in choices]
-            contexts = {tuple(c) for c, _ in pairs}
-            if len(contexts) == 1:  # the usual case: one context, the choices packed after it
-                groups.append(Group(pairs[0][0], [x for _, x in pairs]))
-                meta.append((i, choices, gold, 1))
-            else:  # whitespace moved into some continuations: score those separately
-                groups.extend(Group(c, [x]) for c, x in pairs)
-                meta.append((i, choices, gold, len(pairs)))
+            groups.append(Group(pairs[0][0], [x for _, x in pairs]))  # one context, every choice after it
+            meta.append((i, choices, gold, 1))
         scores = score_groups(self.lm.model, groups, self.batch_size, self.max_length, self.pad_id,
                               self._desc(task))
         samples, at = [], 0

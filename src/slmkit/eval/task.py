@@ -240,7 +240,9 @@ def load_task(name_or_path: str | Path, **overrides) -> Task:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise TaskError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise TaskError(f"{path}: not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
     if isinstance(raw, dict):
         raw.update({k: v for k, v in overrides.items() if v is not None})
     return Task.from_dict(raw, str(path))

@@ -102,8 +102,8 @@ class Decoder(nn.Module):
         ``positions`` [B, T] are RoPE positions (default ``start + arange(T)``); ``key_valid`` [B, S] marks
         the storage slots (cached and new) holding real tokens, so left padding is never attended to.
         With ``last_only`` only the last position's logits are computed (generation).
-        ``attn_mask`` [B, T, T] (True = may attend) replaces the causal mask, for packed sequences that
-        share a prefix (see ``features``).
+        ``attn_mask`` [B, T, S] (True = may attend) replaces the causal mask: packed sequences that share
+        a prefix (S == T, eval.scoring) or rows of a cache with lengths of their own (engine.batcher).
         """
         x = self.features(input_ids, positions, key_valid, cache, start, attn_mask)
         if last_only:
@@ -161,10 +161,13 @@ def attention_masks(cfg: ModelConfig, t: int, start: int, key_valid, device):
 
 
 def custom_masks(cfg: ModelConfig, attn_mask: torch.Tensor, positions: torch.Tensor):
-    """(full, sliding) masks [B, 1, T, T] from a caller's mask; sliding layers also limit the distance in
-    RoPE positions, which in a packed sequence differ from slot indices."""
+    """(full, sliding) masks [B, 1, T, S] from a caller's mask [B, T, S]; sliding layers also limit the
+    distance in RoPE positions. Keys are the T new tokens themselves when S == T (a packed sequence,
+    whose positions differ from slot indices), else cache slots whose position is their index."""
     full = attn_mask[:, None]
     if not cfg.sliding_window:
         return {False: full, True: full}
-    near = (positions[:, :, None] - positions[:, None, :]) < cfg.sliding_window
+    s = attn_mask.shape[-1]
+    keys = positions if s == positions.shape[-1] else torch.arange(s, device=positions.device).expand(len(positions), s)
+    near = (positions[:, :, None] - keys[:, None, :]) < cfg.sliding_window
     return {False: full, True: full & near[:, None]}
