@@ -6,6 +6,7 @@
     slm quantize MODEL OUT --quant int8 write a compact checkpoint (load it like any model)
     slm models                          registry names and where each comes from
     slm eval MODEL --tasks a,b          benchmarks (tasks as YAML data), lm-evaluation-harness formats
+    slm serve MODEL [--port 8000]       OpenAI-compatible server with continuous batching
 """
 
 from __future__ import annotations
@@ -164,6 +165,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .api import load
+    from .serve import serve
+
+    if not 0 < args.port < 65536:
+        raise SlmError(f"port must be in 1..65535, got {args.port}")
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise SlmError("--max-batch must be >= 1 and --max-queue >= 0")
+    lm = load(args.model, dtype=args.dtype, threads=args.threads, quant=args.quant)
+    serve(lm, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_queue=args.max_queue, model_id=args.model_id or str(args.model))
+    return 0
+
+
 def cmd_models(args) -> int:
     for name, entry in REGISTRY.items():
         path = locate(entry)
@@ -217,6 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="registry name, .gguf file or HF folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--max-queue", type=int, default=256, help="sequences waiting beyond that; more get 503")
+    p.add_argument("--model-id", default=None, help="the name clients use in 'model' (default: MODEL as given)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list registry names")
     p.set_defaults(func=cmd_models)
