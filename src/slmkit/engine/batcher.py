@@ -46,6 +46,7 @@ class Sequence:
     params: SamplingParams
     sink: Callable[[Event], None]  # called from the engine thread
     logprobs: int | None = None  # top log-probabilities to return per generated token
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks)
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False
     state: _Row | None = None
@@ -238,7 +239,8 @@ class Batcher:
                 top = {int(i): float(v) for i, v in zip(ids, values)}
         last = len(seq.state.ids) + 1 >= p.max_new_tokens
         produced = False
-        for ev in _advance(0, seq.state, token, self.tokenizer, p.stop, self.eos_ids, last):
+        eos = set() if seq.ignore_eos else self.eos_ids
+        for ev in _advance(0, seq.state, token, self.tokenizer, p.stop, eos, last):
             produced = True
             seq.sink(Event(ev.delta, token, logprob, top, ev.done))
         if not produced:  # text held back (a possible stop string or half a character): still a token

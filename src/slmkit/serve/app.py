@@ -43,11 +43,12 @@ class Run:
     """The sequences of one request and the events they send back to the event loop."""
 
     def __init__(self, server: "Server", prompts: list[list[int]], params: list[SamplingParams],
-                 logprobs: int | None):
+                 logprobs: int | None, ignore_eos: bool = False):
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        self.sequences = [Sequence(p, sp, self._sink(i), logprobs) for i, (p, sp) in enumerate(zip(prompts, params))]
+        self.sequences = [Sequence(p, sp, self._sink(i), logprobs, ignore_eos)
+                          for i, (p, sp) in enumerate(zip(prompts, params))]
         self.finished = 0
 
     def _sink(self, i: int):
@@ -281,7 +282,7 @@ def create_app(lm, model_id: str | None = None, api_key: str | None = None, max_
                 echo_lp.append(await server.on_engine(lambda ids=ids: server.prompt_logprobs(ids, body.logprobs)))
         flat = [(p, j) for p in range(len(prompts)) for j in range(body.n)]
         params = [server.sampling(body, budgets[p], j) for p, j in flat]
-        run = Run(server, [prompts[p] for p, _ in flat], params, body.logprobs)
+        run = Run(server, [prompts[p] for p, _ in flat], params, body.logprobs, body.ignore_eos)
         run.submit()
         prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
@@ -330,7 +331,8 @@ def create_app(lm, model_id: str | None = None, api_key: str | None = None, max_
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         budget = server.budget(len(ids), limit, "max_tokens")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        run = Run(server, [ids] * body.n, [server.sampling(body, budget, j) for j in range(body.n)], top)
+        run = Run(server, [ids] * body.n, [server.sampling(body, budget, j) for j in range(body.n)], top,
+                  body.ignore_eos)
         run.submit()
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:

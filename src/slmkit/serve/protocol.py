@@ -22,6 +22,7 @@ class Options(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: dict | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens even past end-of-sequence
 
     def stops(self) -> list[str]:
         if self.stop is None:
