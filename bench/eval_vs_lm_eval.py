@@ -34,14 +34,22 @@ def lm_eval_tasks(data_dir: Path, folder: Path) -> None:
 
 
 def run_lm_eval(exe: str, hf_dir: Path, task: str, limit: int | None, batch_size: int, data_dir: Path,
-                threads: int) -> tuple[dict, list[dict], float]:
+                threads: int, server: str | None = None) -> tuple[dict, list[dict], float]:
+    """lm-evaluation-harness on the HF folder with its transformers backend, or (``server``, a base URL)
+    through its ``local-completions`` backend against a running ``slm serve``."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "tasks").mkdir()
         lm_eval_tasks(data_dir, tmp / "tasks")
-        cmd = [exe, "--model", "hf", "--model_args", f"pretrained={hf_dir},dtype=float32",
-               "--tasks", f"slm_{task}", "--include_path", str(tmp / "tasks"), "--batch_size", str(batch_size),
-               "--device", "cpu", "--output_path", str(tmp / "out"), "--log_samples"]
+        if server:
+            model = ["--model", "local-completions", "--model_args",
+                     f"base_url={server}/v1/completions,model=served,tokenizer_backend=remote,"
+                     "tokenized_requests=True,max_retries=1", "--batch_size", str(batch_size)]
+        else:
+            model = ["--model", "hf", "--model_args", f"pretrained={hf_dir},dtype=float32", "--device", "cpu",
+                     "--batch_size", str(batch_size)]
+        cmd = [exe, *model, "--tasks", f"slm_{task}", "--include_path", str(tmp / "tasks"),
+               "--output_path", str(tmp / "out"), "--log_samples"]
         if limit:
             cmd += ["--limit", str(limit)]
         env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads),
@@ -93,6 +101,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--output", default=None)
+    ap.add_argument("--via-server", action="store_true",
+                    help="lm-evaluation-harness scores through `slm serve` (local-completions), not transformers")
     args = ap.parse_args()
 
     import slmkit
@@ -102,23 +112,55 @@ def main() -> None:
         print(f"writing the dequantized model to {hf_dir}", file=sys.stderr)
         slmkit.load(args.model).save(hf_dir)
     rows = []
-    for spec in args.tasks.split(","):
-        task, _, limit = spec.partition(":")
-        limit = int(limit) if limit else None
-        print(f"{task}: lm-evaluation-harness ...", file=sys.stderr)
-        theirs = run_lm_eval(args.lm_eval, hf_dir, task, limit, args.batch_size, Path(args.data_dir), args.threads)
-        print(f"{task}: slmkit ...", file=sys.stderr)
-        ours = run_slmkit(hf_dir, task, limit, args.batch_size, Path(args.data_dir), args.threads)
-        rows.append(compare(task, ours, theirs))
-        r = rows[-1]
-        print(f"{task:<10} n={r['n']:<5} acc {r['acc']['slmkit']:.2f} vs {r['acc']['lm_eval']:.2f} "
-              f"({r['acc']['diff_points']:+.2f})  acc_norm {r['acc_norm']['slmkit']:.2f} vs "
-              f"{r['acc_norm']['lm_eval']:.2f} ({r['acc_norm']['diff_points']:+.2f})  "
-              f"differing items {r['items_predicted_differently']}  max |dlogp| {r['max_abs_logprob_diff']:.2e}  "
-              f"time {r['slmkit_seconds']}s vs {r['lm_eval_seconds']}s", flush=True)
+    server = start_server(hf_dir, args.threads) if args.via_server else None
+    try:
+        for spec in args.tasks.split(","):
+            rows.append(run_task(args, spec, hf_dir, server[1] if server else None))
+    finally:
+        if server:
+            server[0].terminate()
+            server[0].wait(30)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps({"model": args.model, "rows": rows}, indent=1))
+        Path(args.output).write_text(json.dumps({"model": args.model, "via_server": args.via_server, "rows": rows},
+                                                indent=1))
+
+
+def start_server(hf_dir: Path, threads: int):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "slmkit", "serve", str(hf_dir), "--port", str(port),
+                             "--model-id", "served", "--threads", str(threads)], stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(base + "/health", timeout=1)
+            return proc, base
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("slm serve did not start")
+
+
+def run_task(args, spec: str, hf_dir: Path, server: str | None) -> dict:
+    task, _, limit = spec.partition(":")
+    limit = int(limit) if limit else None
+    print(f"{task}: lm-evaluation-harness{' via slm serve' if server else ''} ...", file=sys.stderr)
+    theirs = run_lm_eval(args.lm_eval, hf_dir, task, limit, args.batch_size, Path(args.data_dir), args.threads,
+                         server)
+    print(f"{task}: slmkit ...", file=sys.stderr)
+    ours = run_slmkit(hf_dir, task, limit, args.batch_size, Path(args.data_dir), args.threads)
+    r = compare(task, ours, theirs)
+    print(f"{task:<10} n={r['n']:<5} acc {r['acc']['slmkit']:.2f} vs {r['acc']['lm_eval']:.2f} "
+          f"({r['acc']['diff_points']:+.2f})  acc_norm {r['acc_norm']['slmkit']:.2f} vs "
+          f"{r['acc_norm']['lm_eval']:.2f} ({r['acc_norm']['diff_points']:+.2f})  "
+          f"differing items {r['items_predicted_differently']}  max |dlogp| {r['max_abs_logprob_diff']:.2e}  "
+          f"time {r['slmkit_seconds']}s vs {r['lm_eval_seconds']}s", flush=True)
+    return r
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.batcher import Batcher, Event, QueueFull, Sequence
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import SamplingParams, next_tokens
 from ..errors import ContextLengthError, SlmError
 from .protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, Options, TokenizeRequest, error,
                        text_of)
@@ -31,6 +31,7 @@ from .stats import Stats
 
 POLL_SECONDS = 0.25  # how often a waiting non-streaming request checks whether its client is gone
 RETRY_AFTER_SECONDS = 1
+ECHO_BATCH_TOKENS = 2048  # padded prompt tokens per forward pass when scoring prompts (echo)
 
 
 class ApiError(Exception):
@@ -129,25 +130,67 @@ class Server:
     def token_text(self, token: int) -> str:
         return self.tok.decode([token])
 
-    def prompt_logprobs(self, ids: list[int], top: int) -> tuple[list, list]:
-        """Log-probability of every prompt token after the ones before it (the first has none), and the
-        ``top`` most likely tokens at each position. Runs on the engine thread."""
+    def prompt_logprobs(self, prompts: list[list[int]], top: int) -> list[tuple[list, list, torch.Tensor]]:
+        """For each prompt: the log-probability of every token after the ones before it (the first has
+        none), the ``top`` most likely tokens at each position, and the logits after the last token.
+        Prompts run together, right-padded, longest first (runs on the engine thread)."""
         model = self.lm.model
-        x = torch.tensor([ids], device=model.device)
-        hidden = model.features(x)[0]
-        lps: list[float | None] = [None]
-        tops: list[dict | None] = [None]
-        for start in range(0, len(ids) - 1, 256):  # the head in chunks: [chunk, vocab] at a time
-            logits = model.head(hidden[start:min(start + 256, len(ids) - 1)]).float()
-            lp = torch.log_softmax(logits, -1)
-            targets = torch.tensor(ids[start + 1:start + 1 + len(lp)], device=lp.device)
-            lps += lp.gather(1, targets[:, None])[:, 0].tolist()
-            if top:
-                values, idx = lp.topk(top, dim=-1)
-                tops += [{self.token_text(int(i)): float(v) for i, v in zip(ri, rv)} for ri, rv in zip(idx, values)]
-            else:
-                tops += [{} for _ in range(len(lp))]
-        return lps, tops
+        results: list = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        batches, batch = [], []
+        for i in order:  # about ECHO_BATCH_TOKENS padded tokens per forward pass
+            if batch and (len(batch) + 1) * len(prompts[batch[0]]) > ECHO_BATCH_TOKENS:
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        batches.append(batch)
+        for batch in batches:
+            width = len(prompts[batch[0]])
+            x = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, i in enumerate(batch):
+                x[r, :len(prompts[i])] = torch.tensor(prompts[i])
+            hidden = model.features(x.to(model.device))  # causal: right padding never reaches real tokens
+            for r, i in enumerate(batch):
+                ids = prompts[i]
+                logits = model.head(hidden[r, :len(ids)]).float()  # [len, vocab]
+                lp = torch.log_softmax(logits[:-1], -1)
+                targets = torch.tensor(ids[1:], device=lp.device)
+                lps = [None] + lp.gather(1, targets[:, None])[:, 0].tolist()
+                tops: list = [None]
+                if top:
+                    values, idx = lp.topk(top, dim=-1)
+                    tops += [{self.token_text(int(t)): float(v) for t, v in zip(ri, rv)} for ri, rv in zip(idx, values)]
+                else:
+                    tops += [{} for _ in range(len(ids) - 1)]
+                results[i] = (lps, tops, logits[-1])
+        return results
+
+    def echo_one_token(self, body, prompts, scored, rid: str, created: int) -> dict:
+        """Prompt log-probabilities plus one new token, all from the scoring pass: what lm-evaluation-
+        harness asks for (echo, logprobs, max_tokens=1) needs no decode step."""
+        choices = []
+        for i, (ids, (lps, tops, last)) in enumerate(zip(prompts, scored)):
+            params = self.sampling(body, 1, 0)
+            gen = None
+            if params.temperature > 0:
+                gen = torch.Generator(device=last.device)
+                gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
+            token = int(next_tokens(last[None], params, None, gen)[0])
+            lp_all = torch.log_softmax(last, -1)
+            top = {}
+            if body.logprobs:
+                values, idx = lp_all.topk(body.logprobs)
+                top = {self.token_text(int(t)): float(v) for t, v in zip(idx, values)}
+            stop = token in self.lm.eos_ids
+            new_text = "" if stop else self.token_text(token)
+            tokens = [self.token_text(t) for t in ids] + [self.token_text(token)]
+            choices.append({"index": i, "text": self.tok.decode(ids) + new_text, "finish_reason": "stop" if stop else "length",
+                            "logprobs": {"tokens": tokens, "token_logprobs": lps + [float(lp_all[token])],
+                                         "top_logprobs": tops + [top], "text_offset": _offsets(tokens)}})
+        prompt_tokens = sum(len(p) for p in prompts)
+        self.stats.tokens(prompt_tokens, len(prompts))
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_id,
+                "choices": choices, "usage": _usage(prompt_tokens, len(prompts))}
 
     async def on_engine(self, fn):
         loop = asyncio.get_running_loop()
@@ -278,8 +321,9 @@ def create_app(lm, model_id: str | None = None, api_key: str | None = None, max_
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo_lp = []
         if body.echo and body.logprobs is not None:
-            for ids in prompts:
-                echo_lp.append(await server.on_engine(lambda ids=ids: server.prompt_logprobs(ids, body.logprobs)))
+            echo_lp = await server.on_engine(lambda: server.prompt_logprobs(prompts, body.logprobs))
+            if budgets == [1] * len(prompts) and body.n == 1 and not body.stream:
+                return server.echo_one_token(body, prompts, echo_lp, rid, created)  # lm-eval's request
         flat = [(p, j) for p in range(len(prompts)) for j in range(body.n)]
         params = [server.sampling(body, budgets[p], j) for p, j in flat]
         run = Run(server, [prompts[p] for p, _ in flat], params, body.logprobs, body.ignore_eos)
@@ -311,7 +355,7 @@ def create_app(lm, model_id: str | None = None, api_key: str | None = None, max_
             if body.logprobs is not None:
                 tokens, lps, tops = c["tokens"], c["lps"], c["tops"]
                 if body.echo:
-                    p_lps, p_tops = echo_lp[p]
+                    p_lps, p_tops, _ = echo_lp[p]
                     tokens = [server.token_text(t) for t in prompts[p]] + tokens
                     lps, tops = p_lps + lps, p_tops + tops
                 logprobs = {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
