@@ -31,7 +31,8 @@ def server(smollm2_gguf):
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "slmkit", "serve", str(smollm2_gguf), "--port", str(port),
-                             "--api-key", KEY, "--model-id", MODEL, "--max-batch", "8", "--threads", "2"],
+                             "--api-key", KEY, "--model-id", MODEL, "--max-batch", "8", "--max-queue", "0",
+                             "--threads", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -153,3 +154,46 @@ def test_tokenize_detokenize_and_metrics(server, lm):
     req = urllib.request.Request(server + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
     text = urllib.request.urlopen(req).read().decode()
     assert "slmkit_active_sequences 0" in text and 'slmkit_request_latency_seconds{quantile="0.5"}' in text
+
+
+def metric(server, name):
+    req = urllib.request.Request(server + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    for line in urllib.request.urlopen(req).read().decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+
+
+def test_a_client_that_leaves_has_its_sequence_cancelled(server, client):
+    cancelled = metric(server, "slmkit_cancelled_sequences_total")
+    stream = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=200, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()  # hang up mid-stream
+    deadline = time.time() + 30
+    while time.time() < deadline and metric(server, "slmkit_active_sequences") != 0:
+        time.sleep(0.2)
+    assert metric(server, "slmkit_active_sequences") == 0
+    assert metric(server, "slmkit_cancelled_sequences_total") == cancelled + 1
+
+
+def test_a_full_queue_answers_503_with_retry_after(server):
+    """max batch 8, max queue 0: of 12 long requests at once, 8 run and the others are turned away."""
+    import concurrent.futures
+
+    def one(_):
+        req = urllib.request.Request(server + "/v1/completions", method="POST", data=json.dumps(
+            {"model": MODEL, "prompt": "Count: 1, 2,", "max_tokens": 48, "ignore_eos": True}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return r.status, None
+        except urllib.error.HTTPError as e:
+            return e.code, (e.headers.get("Retry-After"), json.loads(e.read())["error"]["message"])
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
+    busy = [r for r in results if r[0] == 503]
+    assert len([r for r in results if r[0] == 200]) >= 8 and busy
+    assert all(retry == "1" and "queue is full" in message for _, (retry, message) in busy)
