@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _serving import start_server
+
 HERE = Path(__file__).parent
 REPO = HERE.parent
 
@@ -112,7 +114,8 @@ def main() -> None:
         print(f"writing the dequantized model to {hf_dir}", file=sys.stderr)
         slmkit.load(args.model).save(hf_dir)
     rows = []
-    server = start_server(hf_dir, args.threads) if args.via_server else None
+    server = start_server(str(hf_dir), "--model-id", "served", "--threads", str(args.threads)) \
+        if args.via_server else None
     try:
         for spec in args.tasks.split(","):
             rows.append(run_task(args, spec, hf_dir, server[1] if server else None))
@@ -126,29 +129,12 @@ def main() -> None:
                                                 indent=1))
 
 
-def start_server(hf_dir: Path, threads: int):
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "slmkit", "serve", str(hf_dir), "--port", str(port),
-                             "--model-id", "served", "--threads", str(threads)], stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(base + "/health", timeout=1)
-            return proc, base
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("slm serve did not start")
-
-
 def run_task(args, spec: str, hf_dir: Path, server: str | None) -> dict:
     task, _, limit = spec.partition(":")
     limit = int(limit) if limit else None
+    if not (HERE / "lm_eval_tasks" / f"slm_{task}.yaml").is_file():
+        known = sorted(p.stem.removeprefix("slm_") for p in (HERE / "lm_eval_tasks").glob("slm_*.yaml"))
+        raise SystemExit(f"no lm-evaluation-harness config for {task!r} in bench/lm_eval_tasks (have: {', '.join(known)})")
     print(f"{task}: lm-evaluation-harness{' via slm serve' if server else ''} ...", file=sys.stderr)
     theirs = run_lm_eval(args.lm_eval, hf_dir, task, limit, args.batch_size, Path(args.data_dir), args.threads,
                          server)

@@ -17,12 +17,11 @@ import argparse
 import asyncio
 import json
 import random
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from _serving import start_server
 
 try:
     import httpx
@@ -37,24 +36,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "slmkit", "serve", args.model, "--port", str(port), "--model-id", MODEL,
-           "--max-batch", str(args.max_batch), "--threads", str(args.threads), "--quant", args.quant]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(base + "/health", timeout=1)
-            return proc, base
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not start")
 
 
 async def stream_tokens(client: httpx.AsyncClient, prompt: str, tokens: int, disconnect_after: int | None = None,
@@ -185,7 +166,8 @@ def main() -> None:
     ap.add_argument("--soak", type=int, default=500)
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
-    proc, base = start_server(args)
+    proc, base = start_server(args.model, "--model-id", MODEL, "--max-batch", str(args.max_batch),
+                              "--threads", str(args.threads), "--quant", args.quant)
     report = {"model": args.model, "quant": args.quant, "threads": args.threads}
     try:
         asyncio.run(concurrency(base, 1, 8))  # warm: first allocations and kernels

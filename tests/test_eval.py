@@ -7,7 +7,6 @@ way lm-evaluation-harness builds them.
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import SlmError
 from .generate import Completion, _advance, _Row, check_context, prefill
-from .sampling import SamplingParams, next_tokens
+from .sampling import SamplingParams, make_generator, next_tokens
 
 GROW = 256  # cache length is allocated in multiples of this many slots
 
@@ -214,12 +214,7 @@ class Batcher:
         logits = prefill(self.model, ids, positions, None, _OneRow(self.cache, r))
         seq.length = n
         seq.state = _Row(n)
-        if seq.params.temperature > 0:
-            seq.generator = torch.Generator(device=self.model.device)
-            if seq.params.seed is not None:
-                seq.generator.manual_seed(seq.params.seed)
-            else:
-                seq.generator.seed()
+        seq.generator = make_generator(seq.params, self.model.device)
         self.running.append(seq)
         self._take(seq, logits[0])
 
@@ -257,7 +252,7 @@ class Batcher:
         logits = self.model(tokens, lengths[:, None], None, _Running(self.cache, lengths, span), 0,
                             last_only=True, attn_mask=visible)[:, -1]
         self.steps += 1
-        for i, seq in enumerate(list(self.running)[:n]):
+        for i, seq in enumerate(self.running):
             seq.length += 1
             if seq.state.finished is None and not seq.cancelled:
                 self._take(seq, logits[i])

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ContextLengthError, SlmError
 from .kv_cache import KVCache
-from .sampling import SamplingParams, next_tokens
+from .sampling import SamplingParams, make_generator, next_tokens
 
 
 PREFILL_CHUNK = 256  # prompt tokens per forward pass during prefill
@@ -97,13 +97,7 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
     positions = (key_valid[:, :t].long().cumsum(-1) - 1).clamp(min=0)
     ids, key_valid, positions, seen = ids.to(device), key_valid.to(device), positions.to(device), seen.to(device)
 
-    generator = None
-    if params.temperature > 0:
-        generator = torch.Generator(device=device)
-        if params.seed is not None:
-            generator.manual_seed(params.seed)
-        else:
-            generator.seed()  # a fresh random seed for this generator only; torch.seed() would reseed the global RNG
+    generator = make_generator(params, device)
     cache = KVCache(cfg, b, t + params.max_new_tokens, model.dtype, device)
     logits = prefill(model, ids, positions, key_valid if padded else None, cache)
     next_pos = positions[:, -1] + 1

@@ -77,6 +77,19 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def make_generator(p: SamplingParams, device) -> torch.Generator | None:
+    """The random generator for sampling with ``p`` (None when greedy): seeded when ``p.seed`` is set, else
+    freshly random for this generator only (torch.seed() would reseed the global RNG)."""
+    if p.temperature == 0:
+        return None
+    generator = torch.Generator(device=device)
+    if p.seed is not None:
+        generator.manual_seed(p.seed)
+    else:
+        generator.seed()
+    return generator
+
+
 def next_tokens(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None,
                 generator: torch.Generator | None) -> torch.Tensor:
     """One token id per row of ``logits`` [B, V]."""

@@ -92,12 +92,12 @@ class Evaluator:
         k = task.num_fewshot if num_fewshot is None else num_fewshot
         if k < 0:
             raise SlmError(f"num_fewshot must be >= 0, got {k}")
-        if task.kind in ("perplexity",) and k:
+        if task.kind == "perplexity" and k:
             raise TaskError(f"task {task.name}: few-shot examples do not apply to a perplexity task")
         same_pool = task.fewshot_data is None
         pool = docs if same_pool else read_records(**_spec(task.fewshot_data), data_dir=self.data_dir)
-        prefixes = [self.fewshot_prefix(task, d, i, pool, same_pool, k) for i, d in enumerate(docs_eval)] \
-            if task.kind != "perplexity" else []
+        prefixes = [] if task.kind == "perplexity" else \
+            [self.fewshot_prefix(task, d, i, pool, same_pool, k) for i, d in enumerate(docs_eval)]
         runner = {"multiple_choice": self._choices, "classification": self._choices,
                   "generate": self._generate, "loglikelihood": self._loglikelihood,
                   "perplexity": self._perplexity}[task.kind]

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.batcher import Batcher, Event, QueueFull, Sequence
-from ..engine.sampling import SamplingParams, next_tokens
+from ..engine.sampling import SamplingParams, make_generator, next_tokens
 from ..errors import ContextLengthError, SlmError
 from .protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, Options, TokenizeRequest, error,
                        text_of)
@@ -121,11 +121,8 @@ class Server:
 
     def sampling(self, opts: Options, max_tokens: int, j: int) -> SamplingParams:
         seed = None if opts.seed is None else opts.seed + j  # n > 1: different, still reproducible, choices
-        try:
-            return SamplingParams(max_new_tokens=max_tokens, temperature=opts.temperature, top_p=opts.top_p,
-                                  seed=seed, stop=opts.stops())
-        except SlmError as e:
-            raise ApiError(400, str(e)) from None
+        return SamplingParams(max_new_tokens=max_tokens, temperature=opts.temperature, top_p=opts.top_p,
+                              seed=seed, stop=opts.stops())  # a bad value: SlmError, answered as 400
 
     def token_text(self, token: int) -> str:
         return self.tok.decode([token])
@@ -171,11 +168,7 @@ class Server:
         choices = []
         for i, (ids, (lps, tops, last)) in enumerate(zip(prompts, scored)):
             params = self.sampling(body, 1, 0)
-            gen = None
-            if params.temperature > 0:
-                gen = torch.Generator(device=last.device)
-                gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
-            token = int(next_tokens(last[None], params, None, gen)[0])
+            token = int(next_tokens(last[None], params, None, make_generator(params, last.device))[0])
             lp_all = torch.log_softmax(last, -1)
             top = {}
             if body.logprobs:
@@ -344,7 +337,7 @@ def create_app(lm, model_id: str | None = None, api_key: str | None = None, max_
                     c["lps"].append(ev.logprob)
                     c["tops"].append({server.token_text(t): v for t, v in (ev.top_logprobs or {}).items()})
             if ev.done is not None:
-                c["finish_reason"] = "stop" if ev.done.finish_reason == "stop" else "length"
+                c["finish_reason"] = ev.done.finish_reason
                 c["text"] = ev.done.text
         if run.finished < len(flat):  # the client left
             return JSONResponse({}, status_code=499)
@@ -393,7 +386,7 @@ def create_app(lm, model_id: str | None = None, api_key: str | None = None, max_
                     lp_content[i].append(_chat_logprob(server, ev))
             if ev.done is not None:
                 contents[i] = ev.done.text
-                reasons[i] = "stop" if ev.done.finish_reason == "stop" else "length"
+                reasons[i] = ev.done.finish_reason
         if run.finished < body.n:
             return JSONResponse({}, status_code=499)
         server.stats.tokens(len(ids), completion_tokens)
@@ -442,6 +435,19 @@ def _chat_logprob(server: Server, ev: Event) -> dict:
                              for t, v in (ev.top_logprobs or {}).items()]}
 
 
+def _stream_end(server, run: Run, rid, created, kind: str, prompt_tokens: int, completion_tokens: int):
+    """After every sequence finished: the usage chunk and [DONE] (nothing when the client left)."""
+    if run.finished == len(run.sequences):
+        server.stats.tokens(prompt_tokens, completion_tokens)
+        yield _sse({"id": rid, "object": kind, "created": created, "model": server.model_id,
+                    "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+        yield "data: [DONE]\n\n"
+
+
+def _stream_error(e: "ApiError") -> str:
+    return _sse({"error": {"message": e.message, "type": "server_error", "code": e.code}})
+
+
 async def _stream_completion(server, run: Run, request, rid, created, body, prompt_tokens):
     completion_tokens = 0
     try:
@@ -455,16 +461,13 @@ async def _stream_completion(server, run: Run, request, rid, created, body, prom
                 t = server.token_text(ev.token)
                 logprobs = {"tokens": [t], "token_logprobs": [ev.logprob], "text_offset": [0],
                             "top_logprobs": [{server.token_text(k): v for k, v in (ev.top_logprobs or {}).items()}]}
-            reason = None if ev.done is None else ("stop" if ev.done.finish_reason == "stop" else "length")
+            reason = None if ev.done is None else ev.done.finish_reason
             yield _sse({"id": rid, "object": "text_completion", "created": created, "model": server.model_id,
                         "choices": [{"index": i, "text": ev.delta, "logprobs": logprobs, "finish_reason": reason}]})
-        if run.finished == len(run.sequences):
-            server.stats.tokens(prompt_tokens, completion_tokens)
-            yield _sse({"id": rid, "object": "text_completion", "created": created, "model": server.model_id,
-                        "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-            yield "data: [DONE]\n\n"
+        for line in _stream_end(server, run, rid, created, "text_completion", prompt_tokens, completion_tokens):
+            yield line
     except ApiError as e:
-        yield _sse({"error": {"message": e.message, "type": "server_error", "code": e.code}})
+        yield _stream_error(e)
     finally:
         run.cancel()
 
@@ -487,13 +490,11 @@ async def _stream_chat(server, run: Run, request, rid, created, body, prompt_tok
             if ev.delta or lp:
                 yield chunk(i, {"content": ev.delta}, None, lp)
             if ev.done is not None:
-                yield chunk(i, {}, "stop" if ev.done.finish_reason == "stop" else "length")
-        if run.finished == len(run.sequences):
-            server.stats.tokens(prompt_tokens, completion_tokens)
-            yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_id,
-                        "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-            yield "data: [DONE]\n\n"
+                yield chunk(i, {}, ev.done.finish_reason)
+        for line in _stream_end(server, run, rid, created, "chat.completion.chunk", prompt_tokens,
+                                completion_tokens):
+            yield line
     except ApiError as e:
-        yield _sse({"error": {"message": e.message, "type": "server_error", "code": e.code}})
+        yield _stream_error(e)
     finally:
         run.cancel()
