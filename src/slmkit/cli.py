@@ -4,6 +4,8 @@
     slm generate [-m MODEL] PROMPT      stream a continuation (--chat wraps PROMPT in the chat template)
     slm info MODEL                      architecture, parameters, tensor types, tokenizer
     slm quantize MODEL OUT --quant int8 write a compact checkpoint (load it like any model)
+    slm pretrain CONFIG.yaml            train from scratch (or further) on a corpus; --resume continues
+    slm finetune CONFIG.yaml            full or LoRA fine-tuning, chat SFT with loss on assistant tokens
     slm models                          registry names and where each comes from
     slm eval MODEL --tasks a,b          benchmarks (tasks as YAML data), lm-evaluation-harness formats
     slm serve MODEL [--port 8000]       OpenAI-compatible server with continuous batching
@@ -179,6 +181,23 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train.config import load_config
+    from .train.run import train
+
+    cfg = load_config(args.config, args.set)
+    expected = "pretrain" if args.command == "pretrain" else None
+    if expected and cfg.task != expected:
+        raise SlmError(f"{args.config}: task is {cfg.task!r}; `slm pretrain` runs task pretrain (use slm finetune)")
+    if args.command == "finetune" and cfg.model.init == "scratch":
+        raise SlmError(f"{args.config}: fine-tuning starts from a trained model; set model.init")
+    result = train(cfg, resume=args.resume)
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"{result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s: loss {result.final_loss:.4f}"
+          f"{val}; model in {cfg.out_dir}/model, metrics in {cfg.out_dir}/metrics.csv", file=sys.stderr)
+    return 0
+
+
 def cmd_models(args) -> int:
     for name, entry in REGISTRY.items():
         path = locate(entry)
@@ -245,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
     p.set_defaults(func=cmd_serve)
+
+    for name, help_text in (("pretrain", "train a model (from scratch or further) on a text corpus"),
+                            ("finetune", "fine-tune a model: full or LoRA, chat SFT or corpus")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="training config (YAML); see configs/")
+        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value (repeatable), e.g. --set run.max_steps=100")
+        p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("models", help="list registry names")
     p.set_defaults(func=cmd_models)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -71,6 +72,7 @@ class Decoder(nn.Module):
                              persistent=False)
 
     quant = "none"  # set by formats.compact.build_compact
+    gradient_checkpointing = False  # training: recompute each block in the backward pass instead of storing it
 
     @property
     def dtype(self) -> torch.dtype:
@@ -131,9 +133,13 @@ class Decoder(nn.Module):
             masks = custom_masks(self.cfg, attn_mask, positions)
         else:
             masks = attention_masks(self.cfg, t, start, key_valid, device)
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             c, s = local if layer.sliding else (cos, sin)
-            x = layer(x, c, s, masks[layer.sliding], cache, start)
+            if checkpointed:
+                x = torch.utils.checkpoint.checkpoint(layer, x, c, s, masks[layer.sliding], use_reentrant=False)
+            else:
+                x = layer(x, c, s, masks[layer.sliding], cache, start)
         return self.norm(x)
 
 

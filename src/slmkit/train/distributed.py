@@ -1,0 +1,74 @@
+"""torch.distributed for the Trainer: one process per rank under ``torchrun``, gloo on CPU.
+
+The same entry point runs alone or under ``torchrun --nproc_per_node=N``; the environment torchrun sets
+(``WORLD_SIZE``, ``RANK``) decides. Two ways to spread the model: DDP (a full copy per rank, gradients
+averaged) and FSDP (``fully_shard``: parameters, gradients and optimizer state sharded per block).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    mode: str = "none"  # none | ddp | fsdp
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed(mode: str) -> Dist:
+    """Join the process group when launched by torchrun, else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), mode=mode)
+
+
+def wrap(module: nn.Module, blocks: list[nn.Module], d: Dist) -> nn.Module:
+    """``module`` (the loss module holding the model) wrapped for ``d.mode``."""
+    if d.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module)
+    if d.mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(module)
+        return module
+    return module
+
+
+def set_grad_sync(module: nn.Module, d: Dist, enabled: bool):
+    """Turn off gradient communication for the micro-batches of an accumulation step but the last."""
+    if d.mode == "fsdp":
+        module.set_requires_gradient_sync(enabled)
+    elif d.mode == "ddp":
+        module.require_backward_grad_sync = enabled
+
+
+def shutdown(d: Dist) -> None:
+    if d.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()

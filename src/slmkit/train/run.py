@@ -1,0 +1,199 @@
+"""``slm pretrain`` and ``slm finetune``: a config in, a trained model out.
+
+Pretraining from scratch: train a byte-level BPE on the corpus (unless a tokenizer is given), tokenize the
+corpus into packed shards (cached under the run folder), build the model from ``model.config`` with normal
+init, and train. Fine-tuning: load a model (registry name, GGUF or HF folder), full or LoRA, on packed
+corpus shards (task ``pretrain``) or chat data with loss on the assistant's tokens (task ``sft``).
+The trained model is written in HF layout to ``<out_dir>/model``; LoRA runs also write the adapter alone
+in PEFT's layout to ``<out_dir>/adapter``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import SlmError
+from ..models.decoder import Decoder
+from ..tokenizer import Tokenizer
+from .config import TrainConfig
+from .distributed import Dist, init_distributed, shutdown
+from .trainer import Trainer, TrainResult
+
+
+class PackedBatches:
+    """Batches of packed windows: inputs = window[:-1], labels = window[1:]."""
+
+    def __init__(self, dataset, seed: int, document_mask: bool, shuffle: bool = True):
+        self.dataset, self.seed, self.document_mask, self.shuffle = dataset, seed, document_mask, shuffle
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        from .corpus import document_mask
+
+        pick = (lambda k: self.dataset.sample(k, self.seed)) if self.shuffle else self.dataset.window
+        windows = np.stack([pick(k) for k in indices]).astype(np.int64)
+        batch = {"input_ids": torch.from_numpy(windows[:, :-1]), "labels": torch.from_numpy(windows[:, 1:].copy())}
+        if self.document_mask:
+            pos, seg = zip(*(document_mask(w[:-1], self.dataset.eos_id) for w in windows))
+            batch["positions"] = torch.from_numpy(np.stack(pos)).long()
+            batch["segments"] = torch.from_numpy(np.stack(seg)).long()
+        return batch
+
+
+class ChatBatches:
+    """Right-padded batches of tokenized conversations (labels -100 outside assistant turns)."""
+
+    def __init__(self, dataset, seed: int, pad_id: int):
+        self.dataset, self.seed, self.pad_id = dataset, seed, pad_id
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        b = self.dataset.collate([self.dataset.sample(k, self.seed) for k in indices], self.pad_id)
+        # collate aligns labels with input_ids (HF style); the loss wants the label of the *next* token
+        return {"input_ids": b["input_ids"][:, :-1], "labels": b["labels"][:, 1:]}
+
+
+def init_weights(model: Decoder, std: float) -> None:
+    """Normal(0, std) for every matrix and embedding, ones for norm scales, zeros for biases."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+        else:
+            nn.init.zeros_(p) if model.cfg.norm_unit_offset else nn.init.ones_(p)
+
+
+def _on_main_then_all(d: Dist, make, ready) -> None:
+    """Run ``make()`` on the main rank if ``ready()`` is false; the other ranks wait for it."""
+    if d.main and not ready():
+        make()
+    d.barrier()
+
+
+def _scratch_tokenizer(cfg: TrainConfig, d: Dist) -> Tokenizer:
+    from .bpe import train_bpe
+
+    folder = Path(cfg.model.tokenizer or Path(cfg.out_dir) / "tokenizer")
+    if cfg.model.tokenizer and not folder.is_dir():
+        raise SlmError(f"model.tokenizer: {folder} is not a folder")
+    _on_main_then_all(d, lambda: train_bpe(cfg.data.corpus, folder, vocab_size=cfg.model.tokenizer_vocab_size,
+                                           text_field=cfg.data.text_field),
+                      lambda: (folder / "tokenizer.json").is_file())
+    return Tokenizer.from_hf_dir(folder)
+
+
+def _shards(cfg: TrainConfig, tokenizer: Tokenizer, d: Dist) -> Path:
+    from .corpus import prepare_corpus
+
+    folder = Path(cfg.data.shards or Path(cfg.out_dir) / "data")
+    if not cfg.data.shards and not cfg.data.corpus:
+        raise SlmError("config: pretraining needs data.corpus (text files) or data.shards (prepared tokens)")
+    _on_main_then_all(d, lambda: prepare_corpus(cfg.data.corpus, tokenizer, folder, workers=cfg.data.workers,
+                                                val_fraction=cfg.data.val_fraction, seed=cfg.run.seed,
+                                                text_field=cfg.data.text_field, progress=cfg.run.progress),
+                      lambda: (folder / "meta.json").is_file())
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta["vocab_size"] > tokenizer.vocab_size:
+        raise SlmError(f"{folder}: shards were made with a {meta['vocab_size']}-token vocabulary, the model's "
+                       f"tokenizer has {tokenizer.vocab_size}")
+    return folder
+
+
+def _scratch_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[Decoder, ModelConfig]:
+    fields = dict(cfg.model.config)
+    vocab = fields.pop("vocab_size", None) or 64 * math.ceil(tokenizer.vocab_size / 64)
+    if vocab < tokenizer.vocab_size:
+        raise SlmError(f"model.config.vocab_size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    special = tokenizer.special_tokens
+    ids = {k: tokenizer.token_to_id(special[t]) if special.get(t) else None
+           for k, t in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"), ("pad_token_id", "pad_token"))}
+    try:
+        model_cfg = ModelConfig(vocab_size=vocab, **{**ids, **fields})
+    except TypeError as exc:
+        raise SlmError(f"model.config: {exc}") from None
+    torch.manual_seed(cfg.run.seed)
+    model = Decoder(model_cfg)
+    init_weights(model, cfg.model.init_std)
+    return model, model_cfg
+
+
+def _load_model(cfg: TrainConfig):
+    from ..api import load
+
+    lm = load(cfg.model.init)
+    if lm.model.quant != "none":
+        raise SlmError(f"{cfg.model.init}: a compact (quantized) checkpoint cannot be trained; use the float one")
+    return lm.model.train(), lm.model.cfg, lm.tokenizer
+
+
+def _save_model(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Tokenizer):
+    from ..formats.hf import write_hf
+
+    out = Path(cfg.out_dir)
+
+    def save(trained):
+        if isinstance(trained, dict):  # gathered from the ranks of a distributed run
+            write_hf(out / "model", model_cfg, trained, tokenizer)
+            return
+        if cfg.lora is not None:
+            from ..formats.peft import save_peft_adapter
+            from ..nn.lora import merge_lora
+
+            save_peft_adapter(trained, out / "adapter", family=model_cfg.family, r=cfg.lora.r,
+                              alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
+                              base_model_name_or_path=cfg.model.init)
+            trained = merge_lora(trained)
+        write_hf(out / "model", model_cfg, trained.state_dict(), tokenizer)
+    return save
+
+
+def build(cfg: TrainConfig, d: Dist):
+    """(model, model config, tokenizer, train source, val source, val size) for a config."""
+    from .corpus import PackedDataset
+
+    if cfg.model.init == "scratch":
+        if cfg.task != "pretrain":
+            raise SlmError("config: chat fine-tuning (task sft) starts from a trained model; set model.init")
+        tokenizer = _scratch_tokenizer(cfg, d)
+        model, model_cfg = _scratch_model(cfg, tokenizer)
+    else:
+        model, model_cfg, tokenizer = _load_model(cfg)
+    if cfg.lora is not None:
+        from ..nn.lora import apply_lora
+
+        apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=tuple(cfg.lora.targets))
+    if cfg.task == "pretrain":
+        shards = _shards(cfg, tokenizer, d)
+        train = PackedDataset(shards, "train", cfg.data.seq_len)
+        val = PackedDataset(shards, "val", cfg.data.seq_len)
+        return (model, model_cfg, tokenizer, PackedBatches(train, cfg.run.seed, cfg.data.document_mask),
+                PackedBatches(val, cfg.run.seed, cfg.data.document_mask, shuffle=False), len(val))
+    from .chat_data import build_chat_dataset
+
+    if not cfg.data.chat:
+        raise SlmError("config: task sft needs data.chat (an instruction or conversation file)")
+    train, val = build_chat_dataset(cfg.data.chat, tokenizer, cfg.data.seq_len, val_fraction=cfg.data.val_fraction,
+                                    seed=cfg.run.seed, system=cfg.data.system)
+    pad = model_cfg.pad_token_id if model_cfg.pad_token_id is not None else model_cfg.eos_ids[0]
+    return model, model_cfg, tokenizer, ChatBatches(train, cfg.run.seed, pad), ChatBatches(val, cfg.run.seed, pad), len(val)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+    d = init_distributed(cfg.run.distributed)
+    try:
+        torch.set_num_threads(cfg.run.threads or max(1, (torch.get_num_threads())))
+        model, model_cfg, tokenizer, train_src, val_src, val_size = build(cfg, d)
+        out = Path(cfg.out_dir)
+        if d.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        trainer = Trainer(model, train_src, cfg, d, val_src, val_size, on_save=_save_model(cfg, model_cfg, tokenizer))
+        return trainer.fit(resume=resume)
+    finally:
+        shutdown(d)

@@ -1,0 +1,250 @@
+"""The one training loop every method feeds: AdamW, a step-function LR schedule, gradient accumulation,
+clipping, bf16 autocast, activation checkpointing, exact resume, and DDP / FSDP under torchrun.
+
+A data source only has to turn a list of global sample indices into a batch (``batch(indices)``); the
+Trainer decides which indices each rank and micro-batch takes: optimizer step ``s`` consumes samples
+``s*G .. s*G+G-1`` of the global batch ``G = micro_batch_size * grad_accum * world``. The data position is
+therefore just the step, and the loss is normalised by the target tokens of the whole global batch, so one
+process with ``grad_accum=2`` and two processes with ``grad_accum=1`` compute the same update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .distributed import Dist, set_grad_sync, wrap
+from .objectives import CausalLMLoss
+from .schedule import lr_at
+
+
+class BatchSource(Protocol):
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    final_loss: float
+    val_loss: float | None
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def total_steps(cfg: TrainConfig, world: int) -> int:
+    if cfg.run.max_steps:
+        return cfg.run.max_steps
+    per_step = cfg.run.micro_batch_size * cfg.run.grad_accum * world * cfg.data.seq_len
+    return max(1, math.ceil(cfg.run.max_tokens / per_step))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and embeddings only (not on norms or biases), as TinyLlama and HF do."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, train_data: BatchSource, cfg: TrainConfig, d: Dist,
+                 val_data: BatchSource | None = None, val_size: int = 0,
+                 on_save: Callable[[nn.Module], None] | None = None):
+        self.cfg, self.d = cfg, d
+        self.out = Path(cfg.out_dir)
+        self.model = model
+        self.train_data, self.val_data, self.val_size = train_data, val_data, val_size
+        self.on_save = on_save
+        self.steps = total_steps(cfg, d.world)
+        self.global_batch = cfg.run.micro_batch_size * cfg.run.grad_accum * d.world
+        self.tokens_per_step = self.global_batch * cfg.data.seq_len
+        self.frozen = any(not p.requires_grad for p in model.parameters())  # LoRA: checkpoint trainable only
+
+        if cfg.run.activation_checkpointing:
+            model.gradient_checkpointing = True
+        if cfg.run.compile:
+            for block in model.layers:
+                block.compile()
+        self.loss_module = wrap(CausalLMLoss(model), list(model.layers), d)
+        groups = _param_groups(self.loss_module, cfg.optim.weight_decay)
+        fused = d.mode != "fsdp"  # fused AdamW does not take sharded (DTensor) parameters
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                           fused=fused)
+        self.trainable = [p for g in groups for p in g["params"]]
+
+    # ------------------------------------------------------------------ state
+    def _state_dicts(self) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=self.d.world > 1,
+                                   ignore_frozen_params=self.frozen)
+        return get_state_dict(self.loss_module, self.optimizer, options=options)
+
+    def _load_state_dicts(self, model_sd: dict, optim_sd: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        options = StateDictOptions(full_state_dict=True, strict=not self.frozen)
+        set_state_dict(self.loss_module, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=options)
+
+    def save(self, step: int) -> None:
+        model_sd, optim_sd = self._state_dicts()  # a collective under FSDP: every rank takes part
+        if self.d.main:
+            state = {"step": step, "model": model_sd, "optimizer": optim_sd, "rng": rng_state(),
+                     "data_position": step * self.global_batch, "world": self.d.world,
+                     "config": self.cfg.to_dict()}
+            save_checkpoint(self.out / "checkpoints", step, state, keep=self.cfg.run.keep_checkpoints)
+        self.d.barrier()
+
+    def _resume(self) -> int:
+        path = latest_checkpoint(self.out / "checkpoints")
+        if path is None:
+            return 0
+        state = load_checkpoint(path)
+        if state["world"] * self.cfg.run.micro_batch_size * self.cfg.run.grad_accum != self.global_batch:
+            raise ValueError(f"{path}: saved with a different global batch size")
+        self._load_state_dicts(state["model"], state["optimizer"])
+        set_rng_state(state["rng"])
+        return int(state["step"])
+
+    # ------------------------------------------------------------------ steps
+    def _indices(self, step: int, micro: int) -> list[int]:
+        mb = self.cfg.run.micro_batch_size
+        first = step * self.global_batch + (micro * self.d.world + self.d.rank) * mb
+        return list(range(first, first + mb))
+
+    def _autocast(self):
+        if self.cfg.run.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, step: int) -> tuple[float, float, int]:
+        """One optimizer step; returns (mean loss over the global batch, grad norm, target tokens)."""
+        cfg = self.cfg
+        lr = lr_at(step, self.steps, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps,
+                   schedule=cfg.optim.schedule, decay_fraction=cfg.optim.decay_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(cfg.run.seed * 1_000_003 + step * 7919 + self.d.rank)  # dropout: a function of the step
+        batches = [self.train_data.batch(self._indices(step, j)) for j in range(cfg.run.grad_accum)]
+        count = self.d.all_sum(torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in batches))))
+        if count.item() == 0:
+            raise ValueError(f"step {step}: the global batch has no target tokens")
+        loss_sum = torch.zeros(())
+        for j, batch in enumerate(batches):
+            set_grad_sync(self.loss_module, self.d, j == len(batches) - 1)
+            with self._autocast():
+                loss, _ = self.loss_module(**batch)
+            (loss * (self.d.world / count)).backward()  # DDP / FSDP average over ranks: undo that
+            loss_sum += loss.detach().float()
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = self.d.all_sum(loss_sum)
+        return float(total / count), grad_norm, int(count)
+
+    def _clip(self) -> float:
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_data is None or self.val_size == 0:
+            return None
+        mb = self.cfg.run.micro_batch_size
+        n = min(self.val_size, self.cfg.run.eval_batches * mb)
+        stride = self.val_size / n  # evenly spread over the validation set, the same every time
+        picks = [int(i * stride) for i in range(n)]
+        loss_sum, count = torch.zeros(()), torch.zeros(())
+        self.loss_module.eval()
+        for start in range(self.d.rank * mb, n, mb * self.d.world):
+            with self._autocast():
+                loss, c = self.loss_module(**self.val_data.batch(picks[start:start + mb]))
+            loss_sum += loss.float()
+            count += c
+        if self.d.mode == "fsdp":  # every rank must run the same number of forwards (all-gathers)
+            rounds = math.ceil(n / (mb * self.d.world))
+            done = len(range(self.d.rank * mb, n, mb * self.d.world))
+            for _ in range(rounds - done):
+                with self._autocast():
+                    self.loss_module(**self.val_data.batch(picks[:1]))
+        self.loss_module.train()
+        loss_sum, count = self.d.all_sum(loss_sum), self.d.all_sum(count)
+        return float(loss_sum / count) if count > 0 else None
+
+    def _final_save(self) -> None:
+        """Hand the trained model to ``on_save``: the module itself in one process, else the full state
+        dict gathered from every rank (on the main rank only)."""
+        if self.d.world == 1:
+            self.on_save(self.model)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.loss_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.d.main:
+            self.on_save({k.removeprefix("model."): v for k, v in state.items()})
+        self.d.barrier()
+
+    # ------------------------------------------------------------------- loop
+    def fit(self, resume: bool = False) -> TrainResult:
+        from tqdm import tqdm
+
+        from .metrics import MetricsLogger
+        from .plot import plot_losses
+
+        cfg = self.cfg
+        start = self._resume() if resume else 0
+        logger = MetricsLogger(self.out, resume_step=start) if self.d.main else None
+        self.loss_module.train()
+        bar = tqdm(total=self.steps, initial=start, unit="step", dynamic_ncols=True,
+                   disable=not (cfg.run.progress and self.d.main))
+        history, loss, val = [], float("nan"), None
+        t_start = time.perf_counter()
+        t_last, tokens_since = t_start, 0
+        for step in range(start, self.steps):
+            loss, grad_norm, _ = self.train_step(step)
+            done = step + 1
+            tokens_since += self.tokens_per_step
+            row: dict[str, Any] = {"tokens": done * self.tokens_per_step, "loss": loss,
+                                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
+            if done % cfg.run.eval_every == 0 or done == self.steps:
+                val = self.evaluate()
+                row["val_loss"] = val
+            if done % cfg.run.log_every == 0 or "val_loss" in row:
+                now = time.perf_counter()
+                row["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                row["elapsed_s"] = now - t_start
+                t_last, tokens_since = now, 0
+                if logger is not None:
+                    logger.log(done, **row)
+                history.append({"step": done, **row})
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}",
+                            **({"val": f"{val:.4f}"} if val is not None else {}))
+            bar.update(1)
+            if done % cfg.run.save_every == 0 or done == self.steps:
+                self.save(done)
+        bar.close()
+        seconds = time.perf_counter() - t_start
+        if logger is not None:
+            logger.close()
+            plot_losses(self.out / "metrics.csv", self.out / "loss.png", title=self.out.name)
+        if self.on_save is not None:
+            self._final_save()
+        return TrainResult(self.steps, self.steps * self.tokens_per_step, loss, val, seconds, history)
