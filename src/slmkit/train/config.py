@@ -33,6 +33,7 @@ class DataSection:
     shards: str | None = None  # pretrain: prepared token shards (made from `corpus` when absent)
     chat: str | None = None  # sft: instruction / conversation file
     system: str | None = None  # sft: optional system message for every conversation
+    pack: bool = True  # sft: pack conversations into rows of seq_len, each attending only to itself
     seq_len: int = 256
     document_mask: bool = False  # pretrain: attention stops at document boundaries inside a packed window
     val_fraction: float = 0.01

@@ -35,7 +35,11 @@ class CausalLMLoss(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None,
                 segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         mask = document_attention_mask(segments) if segments is not None else None
-        hidden = self.model.features(input_ids, positions=positions, attn_mask=mask)
+        hidden = self.model.features(input_ids, positions=positions, attn_mask=mask).flatten(0, 1)
+        labels = labels.flatten()
+        keep = labels != IGNORE
+        count = keep.sum()
+        if count < labels.numel():  # the output head only where there is a loss (chat SFT, padding)
+            hidden, labels = hidden[keep], labels[keep]
         logits = self.model.head(hidden)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-        return loss, (labels != IGNORE).sum()
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), count

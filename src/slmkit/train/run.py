@@ -47,15 +47,68 @@ class PackedBatches:
 
 
 class ChatBatches:
-    """Right-padded batches of tokenized conversations (labels -100 outside assistant turns)."""
+    """Batches of tokenized conversations (labels -100 outside assistant turns).
 
-    def __init__(self, dataset, seed: int, pad_id: int):
-        self.dataset, self.seed, self.pad_id = dataset, seed, pad_id
+    With ``pack`` the conversations of a micro-batch are packed first-fit into rows of ``width`` tokens,
+    each keeping its own RoPE positions and attending only to itself (a block-diagonal mask), so little
+    compute goes to padding; otherwise rows are right-padded to a multiple of 64.
+    """
+
+    def __init__(self, dataset, seed: int, pad_id: int, width: int, pack: bool = True):
+        self.dataset, self.seed, self.pad_id, self.width, self.pack = dataset, seed, pad_id, width, pack
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        b = self.dataset.collate([self.dataset.sample(k, self.seed) for k in indices], self.pad_id)
-        # collate aligns labels with input_ids (HF style); the loss wants the label of the *next* token
-        return {"input_ids": b["input_ids"][:, :-1], "labels": b["labels"][:, 1:]}
+        # labels are aligned with input_ids (HF style); the loss wants the label of the *next* token
+        convs = [self.dataset.sample(k, self.seed) for k in indices]
+        convs = [(c["input_ids"][:-1], c["labels"][1:]) for c in convs]
+        tokens = torch.tensor(sum(len(ids) for ids, _ in convs))
+        rows = self._rows(convs) if self.pack else [[c] for c in convs]
+        width = self.width if self.pack else -(-max(len(ids) for ids, _ in convs) // 64) * 64
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        segments = torch.full((len(rows), width), -1, dtype=torch.long)
+        for r, row in enumerate(rows):
+            at = 0
+            for seg, (conv_ids, conv_labels) in enumerate(row):
+                n = len(conv_ids)
+                ids[r, at:at + n] = torch.tensor(conv_ids)
+                labels[r, at:at + n] = torch.tensor(conv_labels)
+                positions[r, at:at + n] = torch.arange(n)
+                segments[r, at:at + n] = seg
+                at += n
+        batch = {"input_ids": ids, "labels": labels, "tokens": tokens}
+        if self.pack:
+            batch.update(positions=positions, segments=segments)
+        return batch
+
+    def _rows(self, convs):
+        rows, used = [], []
+        for conv in convs:
+            n = len(conv[0])
+            for r, u in enumerate(used):
+                if u + n <= self.width:
+                    rows[r].append(conv)
+                    used[r] += n
+                    break
+            else:
+                rows.append([conv])
+                used.append(n)
+        return rows
+
+
+def data_path(path: str) -> str:
+    """A data path from a config: absolute as given, relative ones against ``$SLMKIT_DATA`` (else the
+    current folder), as evaluation tasks resolve theirs."""
+    import os
+
+    p = Path(path).expanduser()
+    if not p.is_absolute() and os.environ.get("SLMKIT_DATA"):
+        p = Path(os.environ["SLMKIT_DATA"]).expanduser() / p
+    if not p.exists():
+        hint = "" if p.is_absolute() and Path(path).is_absolute() else " (relative data paths resolve against $SLMKIT_DATA)"
+        raise SlmError(f"data path {p} does not exist{hint}")
+    return str(p)
 
 
 def init_weights(model: Decoder, std: float) -> None:
@@ -157,6 +210,11 @@ def build(cfg: TrainConfig, d: Dist):
     """(model, model config, tokenizer, train source, val source, val size) for a config."""
     from .corpus import PackedDataset
 
+    if not cfg.data.shards:
+        cfg.data.corpus = [data_path(p) for p in cfg.data.corpus]
+    if cfg.data.chat:
+        cfg.data.chat = data_path(cfg.data.chat)
+
     if cfg.model.init == "scratch":
         if cfg.task != "pretrain":
             raise SlmError("config: chat fine-tuning (task sft) starts from a trained model; set model.init")
@@ -181,10 +239,31 @@ def build(cfg: TrainConfig, d: Dist):
     train, val = build_chat_dataset(cfg.data.chat, tokenizer, cfg.data.seq_len, val_fraction=cfg.data.val_fraction,
                                     seed=cfg.run.seed, system=cfg.data.system)
     pad = model_cfg.pad_token_id if model_cfg.pad_token_id is not None else model_cfg.eos_ids[0]
-    return model, model_cfg, tokenizer, ChatBatches(train, cfg.run.seed, pad), ChatBatches(val, cfg.run.seed, pad), len(val)
+    sources = [ChatBatches(part, cfg.run.seed, pad, cfg.data.seq_len, cfg.data.pack) for part in (train, val)]
+    return (model, model_cfg, tokenizer, *sources, len(val))
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory instead of returning it to the OS at once: training frees and
+    re-allocates the same large activations every step, and page faults on fresh mappings cost a third
+    of the step time here (a LoRA step of SmolLM2: 53 -> 81 tokens/s)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    libc.mallopt(m_mmap_threshold, 32 * 2 ** 20)
+    libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
+    libc.mallopt(m_top_pad, 256 * 2 ** 20)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+    keep_freed_memory()
     d = init_distributed(cfg.run.distributed)
     try:
         torch.set_num_threads(cfg.run.threads or max(1, (torch.get_num_threads())))

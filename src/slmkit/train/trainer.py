@@ -128,9 +128,17 @@ class Trainer:
         return list(range(first, first + mb))
 
     def _autocast(self):
+        """bf16 autocast when asked; with torch.compile, attention through the plain math kernel, which
+        inductor fuses and which trains faster here than the CPU flash kernel (bf16: 2,070 -> 2,350 tok/s
+        on the 10M config)."""
+        stack = contextlib.ExitStack()
         if self.cfg.run.precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        if self.cfg.run.compile:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
 
     def train_step(self, step: int) -> tuple[float, float, int]:
         """One optimizer step; returns (mean loss over the global batch, grad norm, target tokens)."""
@@ -141,6 +149,8 @@ class Trainer:
             group["lr"] = lr
         torch.manual_seed(cfg.run.seed * 1_000_003 + step * 7919 + self.d.rank)  # dropout: a function of the step
         batches = [self.train_data.batch(self._indices(step, j)) for j in range(cfg.run.grad_accum)]
+        tokens = sum(int(b.pop("tokens", b["input_ids"].numel())) for b in batches)  # real ones, not padding
+        self.step_tokens = int(self.d.all_sum(torch.tensor(float(tokens))))
         count = self.d.all_sum(torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in batches))))
         if count.item() == 0:
             raise ValueError(f"step {step}: the global batch has no target tokens")
@@ -164,6 +174,11 @@ class Trainer:
             norm = norm.full_tensor()
         return float(norm)
 
+    @staticmethod
+    def _inputs(batch: dict) -> dict:
+        batch.pop("tokens", None)
+        return batch
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         if self.val_data is None or self.val_size == 0:
@@ -176,7 +191,7 @@ class Trainer:
         self.loss_module.eval()
         for start in range(self.d.rank * mb, n, mb * self.d.world):
             with self._autocast():
-                loss, c = self.loss_module(**self.val_data.batch(picks[start:start + mb]))
+                loss, c = self.loss_module(**self._inputs(self.val_data.batch(picks[start:start + mb])))
             loss_sum += loss.float()
             count += c
         if self.d.mode == "fsdp":  # every rank must run the same number of forwards (all-gathers)
@@ -184,7 +199,7 @@ class Trainer:
             done = len(range(self.d.rank * mb, n, mb * self.d.world))
             for _ in range(rounds - done):
                 with self._autocast():
-                    self.loss_module(**self.val_data.batch(picks[:1]))
+                    self.loss_module(**self._inputs(self.val_data.batch(picks[:1])))
         self.loss_module.train()
         loss_sum, count = self.d.all_sum(loss_sum), self.d.all_sum(count)
         return float(loss_sum / count) if count > 0 else None
@@ -202,6 +217,16 @@ class Trainer:
             self.on_save({k.removeprefix("model."): v for k, v in state.items()})
         self.d.barrier()
 
+    def _tokens_at(self, step: int) -> int:
+        """Tokens consumed by ``step`` steps: from the metrics a resumed run keeps, else step x batch."""
+        if step == 0:
+            return 0
+        from .metrics import read_metrics
+
+        csv = self.out / "metrics.csv"
+        rows = [r for r in read_metrics(csv) if r["step"] <= step and r["tokens"]] if csv.is_file() else []
+        return int(rows[-1]["tokens"]) if rows and rows[-1]["step"] == step else step * self.tokens_per_step
+
     # ------------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> TrainResult:
         from tqdm import tqdm
@@ -216,13 +241,20 @@ class Trainer:
         bar = tqdm(total=self.steps, initial=start, unit="step", dynamic_ncols=True,
                    disable=not (cfg.run.progress and self.d.main))
         history, loss, val = [], float("nan"), None
+        tokens_seen = self._tokens_at(start)
+        if start == 0 and self.val_data is not None and self.val_size:  # the starting point, for comparison
+            val = self.evaluate()
+            if logger is not None:
+                logger.log(0, tokens=0, val_loss=val)
+            history.append({"step": 0, "tokens": 0, "val_loss": val})
         t_start = time.perf_counter()
         t_last, tokens_since = t_start, 0
         for step in range(start, self.steps):
             loss, grad_norm, _ = self.train_step(step)
             done = step + 1
-            tokens_since += self.tokens_per_step
-            row: dict[str, Any] = {"tokens": done * self.tokens_per_step, "loss": loss,
+            tokens_since += self.step_tokens
+            tokens_seen += self.step_tokens
+            row: dict[str, Any] = {"tokens": tokens_seen, "loss": loss,
                                    "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
             if done % cfg.run.eval_every == 0 or done == self.steps:
                 val = self.evaluate()
@@ -247,4 +279,4 @@ class Trainer:
             plot_losses(self.out / "metrics.csv", self.out / "loss.png", title=self.out.name)
         if self.on_save is not None:
             self._final_save()
-        return TrainResult(self.steps, self.steps * self.tokens_per_step, loss, val, seconds, history)
+        return TrainResult(self.steps, tokens_seen, loss, val, seconds, history)
