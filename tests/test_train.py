@@ -60,6 +60,8 @@ def slm(*args, **kw) -> subprocess.CompletedProcess:
 
 def losses(out: Path) -> list[float]:
     rows = read_metrics(out / "metrics.csv")
+    assert rows[0]["step"] == 0 and rows[0]["loss"] is None and rows[0]["val_loss"] > 0  # the starting point
+    rows = rows[1:]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)), "steps missing or repeated"
     return [r["loss"] for r in rows]
 
@@ -139,7 +141,11 @@ def test_resume_after_sigkill_gives_the_same_losses(prepared, tmp_path):
     proc.wait()
     assert not (killed_out / "model").exists(), "the run finished before it could be killed"
     at_kill = len(read_metrics(killed_out / "metrics.csv"))
-    assert at_kill < steps
+    assert at_kill < steps + 1
+
+    forgot = slm("pretrain", str(killed))  # without --resume: refuses to start over the killed run
+    assert forgot.returncode == 2 and "--resume" in forgot.stderr and "Traceback" not in forgot.stderr
+    assert len(read_metrics(killed_out / "metrics.csv")) == at_kill
 
     result = slm("pretrain", str(killed), "--resume")
     assert result.returncode == 0, result.stderr

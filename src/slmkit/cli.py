@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import ContextLengthError, SlmError
@@ -185,6 +186,8 @@ def cmd_train(args) -> int:
     from .train.config import load_config
     from .train.run import train
 
+    if args.data_dir:
+        os.environ["SLMKIT_DATA"] = args.data_dir
     cfg = load_config(args.config, args.set)
     expected = "pretrain" if args.command == "pretrain" else None
     if expected and cfg.task != expected:
@@ -270,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="training config (YAML); see configs/")
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+        p.add_argument("--data-dir", default=None, help="folder relative data paths resolve against "
+                                                        "(default $SLMKIT_DATA, else the current folder)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value (repeatable), e.g. --set run.max_steps=100")
         p.set_defaults(func=cmd_train)

@@ -70,6 +70,7 @@ class RunSection:
     save_every: int = 200
     keep_checkpoints: int = 2
     distributed: str = "ddp"  # under torchrun: ddp | fsdp
+    device: str = "auto"  # auto (a CUDA GPU when there is one) | cpu | cuda
     progress: bool = True
 
 
@@ -98,6 +99,7 @@ class TrainConfig:
              f"optim.schedule must be cosine, wsd or constant, got {self.optim.schedule!r}"),
             (self.run.precision in ("fp32", "bf16"), f"run.precision must be fp32 or bf16, got {self.run.precision!r}"),
             (self.run.distributed in ("ddp", "fsdp"), f"run.distributed must be ddp or fsdp, got {self.run.distributed!r}"),
+            (self.run.device in ("cpu", "cuda", "auto"), f"run.device must be cpu, cuda or auto, got {self.run.device!r}"),
             (self.run.micro_batch_size >= 1 and self.run.grad_accum >= 1, "micro_batch_size and grad_accum must be >= 1"),
             (self.run.max_steps > 0 or self.run.max_tokens > 0, "set run.max_steps or run.max_tokens"),
             (self.data.seq_len >= 2, "data.seq_len must be >= 2"),

@@ -20,6 +20,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     mode: str = "none"  # none | ddp | fsdp
+    device: torch.device = torch.device("cpu")
 
     @property
     def main(self) -> bool:
@@ -35,14 +36,29 @@ class Dist:
             dist.barrier()
 
 
-def init_distributed(mode: str) -> Dist:
-    """Join the process group when launched by torchrun, else a single process."""
+def pick_device(name: str) -> torch.device:
+    """``auto``: a CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        from ..errors import SlmError
+
+        raise SlmError("run.device is cuda but torch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def init_distributed(mode: str, device: str = "cpu") -> Dist:
+    """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPUs), else one process."""
+    dev = pick_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
     if world <= 1:
-        return Dist()
+        return Dist(device=dev)
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), mode=mode)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), mode=mode, device=dev)
 
 
 def wrap(module: nn.Module, blocks: list[nn.Module], d: Dist) -> nn.Module:
@@ -50,7 +66,7 @@ def wrap(module: nn.Module, blocks: list[nn.Module], d: Dist) -> nn.Module:
     if d.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(module)
+        return DistributedDataParallel(module, device_ids=[d.device] if d.device.type == "cuda" else None)
     if d.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

@@ -264,7 +264,7 @@ def keep_freed_memory() -> None:
 
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     keep_freed_memory()
-    d = init_distributed(cfg.run.distributed)
+    d = init_distributed(cfg.run.distributed, cfg.run.device)
     try:
         torch.set_num_threads(cfg.run.threads or max(1, (torch.get_num_threads())))
         model, model_cfg, tokenizer, train_src, val_src, val_size = build(cfg, d)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
+from ..errors import SlmError
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .distributed import Dist, set_grad_sync, wrap
@@ -79,6 +81,8 @@ class Trainer:
         if cfg.run.compile:
             for block in model.layers:
                 block.compile()
+        self.device = d.device
+        model.to(self.device)
         self.loss_module = wrap(CausalLMLoss(model), list(model.layers), d)
         groups = _param_groups(self.loss_module, cfg.optim.weight_decay)
         fused = d.mode != "fsdp"  # fused AdamW does not take sharded (DTensor) parameters
@@ -113,10 +117,14 @@ class Trainer:
     def _resume(self) -> int:
         path = latest_checkpoint(self.out / "checkpoints")
         if path is None:
+            if self.d.main:
+                print(f"no checkpoint in {self.out / 'checkpoints'}: starting from step 0", file=sys.stderr)
             return 0
         state = load_checkpoint(path)
-        if state["world"] * self.cfg.run.micro_batch_size * self.cfg.run.grad_accum != self.global_batch:
-            raise ValueError(f"{path}: saved with a different global batch size")
+        saved = state["data_position"] // max(1, state["step"]) if state["step"] else self.global_batch
+        if saved != self.global_batch:
+            raise SlmError(f"{path}: saved with a global batch of {saved} samples, this run has "
+                           f"{self.global_batch}; resume with the same batch settings")
         self._load_state_dicts(state["model"], state["optimizer"])
         set_rng_state(state["rng"])
         return int(state["step"])
@@ -133,8 +141,8 @@ class Trainer:
         on the 10M config)."""
         stack = contextlib.ExitStack()
         if self.cfg.run.precision == "bf16":
-            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-        if self.cfg.run.compile:
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        if self.cfg.run.compile and self.device.type == "cpu":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
@@ -150,15 +158,16 @@ class Trainer:
         torch.manual_seed(cfg.run.seed * 1_000_003 + step * 7919 + self.d.rank)  # dropout: a function of the step
         batches = [self.train_data.batch(self._indices(step, j)) for j in range(cfg.run.grad_accum)]
         tokens = sum(int(b.pop("tokens", b["input_ids"].numel())) for b in batches)  # real ones, not padding
-        self.step_tokens = int(self.d.all_sum(torch.tensor(float(tokens))))
-        count = self.d.all_sum(torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in batches))))
+        self.step_tokens = int(self.d.all_sum(torch.tensor(float(tokens), device=self.device)))
+        count = self.d.all_sum(torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in batches)),
+                                            device=self.device))
         if count.item() == 0:
-            raise ValueError(f"step {step}: the global batch has no target tokens")
-        loss_sum = torch.zeros(())
+            raise SlmError(f"step {step}: the global batch has no target tokens (every label is -100)")
+        loss_sum = torch.zeros((), device=self.device)
         for j, batch in enumerate(batches):
             set_grad_sync(self.loss_module, self.d, j == len(batches) - 1)
             with self._autocast():
-                loss, _ = self.loss_module(**batch)
+                loss, _ = self.loss_module(**self._on_device(batch))
             (loss * (self.d.world / count)).backward()  # DDP / FSDP average over ranks: undo that
             loss_sum += loss.detach().float()
         grad_norm = self._clip()
@@ -174,10 +183,12 @@ class Trainer:
             norm = norm.full_tensor()
         return float(norm)
 
-    @staticmethod
-    def _inputs(batch: dict) -> dict:
+    def _on_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _inputs(self, batch: dict) -> dict:
         batch.pop("tokens", None)
-        return batch
+        return self._on_device(batch)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -187,7 +198,7 @@ class Trainer:
         n = min(self.val_size, self.cfg.run.eval_batches * mb)
         stride = self.val_size / n  # evenly spread over the validation set, the same every time
         picks = [int(i * stride) for i in range(n)]
-        loss_sum, count = torch.zeros(()), torch.zeros(())
+        loss_sum, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         self.loss_module.eval()
         for start in range(self.d.rank * mb, n, mb * self.d.world):
             with self._autocast():
@@ -235,6 +246,9 @@ class Trainer:
         from .plot import plot_losses
 
         cfg = self.cfg
+        if not resume and latest_checkpoint(self.out / "checkpoints") is not None:
+            raise SlmError(f"{self.out} already holds checkpoints of a run: pass --resume to continue it, or "
+                           f"choose another out_dir")
         start = self._resume() if resume else 0
         logger = MetricsLogger(self.out, resume_step=start) if self.d.main else None
         self.loss_module.train()
