@@ -274,3 +274,46 @@ def test_packed_chat_batches_score_like_padded_ones():
         b, nb = loss_module(**padded)
     assert int(na) == int(nb)
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
+
+
+def test_lora_chat_finetune_writes_an_adapter_peft_loads_and_the_merged_model(prepared, tmp_path, shared_data):
+    """slm finetune with lora: on a tiny Llama (the prepared BPE's ChatML template) and real Alpaca records;
+    the adapter opened by peft on the base gives the merged model's logits."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import json
+
+    from slmkit.config import ModelConfig
+    from slmkit.formats.hf import write_hf
+    from slmkit.models.decoder import Decoder
+    from slmkit.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_hf_dir(prepared / "tokenizer")
+    torch.manual_seed(0)
+    base_cfg = ModelConfig(vocab_size=512, eos_token_id=0, bos_token_id=0, pad_token_id=0, **TINY_MODEL)
+    base_dir = write_hf(tmp_path / "base", base_cfg, Decoder(base_cfg).state_dict(), tok)
+    records = json.loads((shared_data / "instruction" / "llamafactory_alpaca_en_demo.json").read_text())[:40]
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps(records))
+    raw = {"task": "sft", "out_dir": str(tmp_path / "run"), "model": {"init": str(base_dir)},
+           "data": {"chat": str(chat), "seq_len": 128, "val_fraction": 0.1},
+           "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q", "v", "down"]},
+           "optim": {"lr": 1e-2, "warmup_steps": 1},
+           "run": {"micro_batch_size": 4, "max_steps": 6, "eval_every": 3, "threads": 1, "progress": False}}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(raw))
+    result = slm("finetune", str(tmp_path / "sft.yaml"))
+    assert result.returncode == 0, result.stderr
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # held-out assistant tokens: lower than untuned
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["down_proj", "q_proj", "v_proj"] and adapter["r"] == 4
+
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(hf_base, tmp_path / "run" / "adapter").eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model", dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode("Give three tips for staying healthy.")])
+    with torch.no_grad():
+        a, b = with_adapter(ids).logits, merged(ids).logits
+        base_logits = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)(ids).logits
+    assert (a - b).abs().max().item() < 1e-4
+    assert (a - base_logits).abs().max().item() > 1e-3  # the adapter learned something
