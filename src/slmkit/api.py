@@ -10,6 +10,8 @@ from typing import Iterator, Sequence
 import torch
 
 from .config import ModelConfig
+from .encoder_api import EncoderLM, is_encoder_config, load_encoder
+from .seq2seq_api import Seq2SeqLM, is_seq2seq_config, load_seq2seq
 from .engine.generate import Completion, generate, iter_generate
 from .engine.sampling import SamplingParams
 from .errors import ModelFileError, SlmError
@@ -194,7 +196,7 @@ def set_threads(threads: int | None) -> None:
 
 
 def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", threads: int | None = None,
-         quant: str | None = None) -> LM:
+         quant: str | None = None) -> "LM | EncoderLM | Seq2SeqLM":
     """Load a registry name, a ``.gguf`` file, or a Hugging Face folder.
 
     ``quant`` (``int8`` or ``int4``) makes the weights compact for fast CPU decoding (see formats.compact).
@@ -208,6 +210,14 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", threads
     path = _resolve_path(name_or_path)
     if path.is_dir():
         hf_json = read_hf_json(path)
+        if is_encoder_config(hf_json):  # BERT / RoBERTa
+            if quant != "none":
+                raise SlmError(f"{path} is a {hf_json['model_type']} encoder; quant= applies to decoder models only")
+            return load_encoder(path, torch_dtype)
+        if is_seq2seq_config(hf_json):  # T5 / Flan-T5
+            if quant != "none":
+                raise SlmError(f"{path} is a T5 encoder-decoder; quant= applies to decoder models only")
+            return load_seq2seq(path, torch_dtype)
         if is_compact(hf_json):
             if quant != "none":
                 raise SlmError(f"{path} is already a compact ({hf_json['quantization_config'].get('mode')}) "

@@ -94,6 +94,8 @@ class Tokenizer:
         if (folder / "tokenizer.json").is_file():
             try:
                 backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+                backend.no_padding()  # a file may pin both (MiniLM pads to 128); transformers drops them too
+                backend.no_truncation()
             except Exception as exc:
                 raise ModelFileError(f"{folder / 'tokenizer.json'}: cannot be read ({exc})") from exc
         elif (folder / "tokenizer.model").is_file():
