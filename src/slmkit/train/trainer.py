@@ -65,7 +65,11 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class Trainer:
     def __init__(self, model: nn.Module, train_data: BatchSource, cfg: TrainConfig, d: Dist,
                  val_data: BatchSource | None = None, val_size: int = 0,
-                 on_save: Callable[[nn.Module], None] | None = None):
+                 on_save: Callable[[nn.Module], None] | None = None, objective: nn.Module | None = None,
+                 blocks: list[nn.Module] | None = None):
+        """``objective`` is a module holding ``model`` (as ``.model``) whose ``forward(**batch)`` returns
+        (sum of token losses, number of target tokens); default: the causal LM loss. ``blocks`` are the
+        modules FSDP shards and torch.compile compiles one by one (default: ``model.layers``)."""
         self.cfg, self.d = cfg, d
         self.out = Path(cfg.out_dir)
         self.model = model
@@ -76,14 +80,15 @@ class Trainer:
         self.tokens_per_step = self.global_batch * cfg.data.seq_len
         self.frozen = any(not p.requires_grad for p in model.parameters())  # LoRA: checkpoint trainable only
 
+        blocks = list(model.layers) if blocks is None else blocks
         if cfg.run.activation_checkpointing:
             model.gradient_checkpointing = True
         if cfg.run.compile:
-            for block in model.layers:
+            for block in blocks:
                 block.compile()
         self.device = d.device
         model.to(self.device)
-        self.loss_module = wrap(CausalLMLoss(model), list(model.layers), d)
+        self.loss_module = wrap(objective if objective is not None else CausalLMLoss(model), blocks, d)
         groups = _param_groups(self.loss_module, cfg.optim.weight_decay)
         fused = d.mode != "fsdp"  # fused AdamW does not take sharded (DTensor) parameters
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
