@@ -100,8 +100,8 @@ def run_slmkit(spec: dict) -> dict:
     keep_freed_memory()
     torch.set_num_threads(spec["threads"])
     cfg = config_from_dict(spec["config"])
-    model, _, _, train_src, _, _ = build(cfg, Dist())
-    trainer = Trainer(model, train_src, cfg, Dist())
+    parts = build(cfg, Dist())
+    trainer = Trainer(parts.model, parts.train, cfg, Dist())
     trainer.loss_module.train()
     losses, times = [], []
     for step in range(cfg.run.max_steps):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -206,8 +208,22 @@ def _save_model(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer: Tokenizer):
     return save
 
 
-def build(cfg: TrainConfig, d: Dist):
-    """(model, model config, tokenizer, train source, val source, val size) for a config."""
+@dataclass
+class RunParts:
+    """What a task hands the Trainer: the model, its objective (None: causal LM), the blocks FSDP shards
+    (None: ``model.layers``), train / validation batch sources, and the function that saves the result."""
+
+    model: nn.Module
+    train: object
+    val: object | None
+    val_size: int
+    save: Callable
+    objective: nn.Module | None = None
+    blocks: list[nn.Module] | None = None
+
+
+def build(cfg: TrainConfig, d: Dist) -> RunParts:
+    """Decoder tasks: causal LM on packed shards (``pretrain``) and chat SFT (``sft``)."""
     from .corpus import PackedDataset
 
     if not cfg.data.shards:
@@ -230,8 +246,9 @@ def build(cfg: TrainConfig, d: Dist):
         shards = _shards(cfg, tokenizer, d)
         train = PackedDataset(shards, "train", cfg.data.seq_len)
         val = PackedDataset(shards, "val", cfg.data.seq_len)
-        return (model, model_cfg, tokenizer, PackedBatches(train, cfg.run.seed, cfg.data.document_mask),
-                PackedBatches(val, cfg.run.seed, cfg.data.document_mask, shuffle=False), len(val))
+        return RunParts(model, PackedBatches(train, cfg.run.seed, cfg.data.document_mask),
+                        PackedBatches(val, cfg.run.seed, cfg.data.document_mask, shuffle=False), len(val),
+                        _save_model(cfg, model_cfg, tokenizer))
     from .chat_data import build_chat_dataset
 
     if not cfg.data.chat:
@@ -240,7 +257,7 @@ def build(cfg: TrainConfig, d: Dist):
                                     seed=cfg.run.seed, system=cfg.data.system)
     pad = model_cfg.pad_token_id if model_cfg.pad_token_id is not None else model_cfg.eos_ids[0]
     sources = [ChatBatches(part, cfg.run.seed, pad, cfg.data.seq_len, cfg.data.pack) for part in (train, val)]
-    return (model, model_cfg, tokenizer, *sources, len(val))
+    return RunParts(model, *sources, len(val), _save_model(cfg, model_cfg, tokenizer))
 
 
 def keep_freed_memory() -> None:
@@ -262,17 +279,25 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_top_pad, 256 * 2 ** 20)
 
 
+def builder(task: str) -> Callable[[TrainConfig, Dist], RunParts]:
+    """The function that builds a task's parts (decoder tasks here; encoder and seq2seq tasks in their modules)."""
+    if task in ("pretrain", "sft"):
+        return build
+    raise SlmError(f"task {task!r} has no builder")
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     keep_freed_memory()
     d = init_distributed(cfg.run.distributed, cfg.run.device)
     try:
         torch.set_num_threads(cfg.run.threads or max(1, (torch.get_num_threads())))
-        model, model_cfg, tokenizer, train_src, val_src, val_size = build(cfg, d)
+        parts = builder(cfg.task)(cfg, d)
         out = Path(cfg.out_dir)
         if d.main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        trainer = Trainer(model, train_src, cfg, d, val_src, val_size, on_save=_save_model(cfg, model_cfg, tokenizer))
+        trainer = Trainer(parts.model, parts.train, cfg, d, parts.val, parts.val_size, on_save=parts.save,
+                          objective=parts.objective, blocks=parts.blocks)
         return trainer.fit(resume=resume)
     finally:
         shutdown(d)
