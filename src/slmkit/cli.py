@@ -189,10 +189,11 @@ def cmd_train(args) -> int:
     if args.data_dir:
         os.environ["SLMKIT_DATA"] = args.data_dir
     cfg = load_config(args.config, args.set)
-    expected = "pretrain" if args.command == "pretrain" else None
-    if expected and cfg.task != expected:
-        raise SlmError(f"{args.config}: task is {cfg.task!r}; `slm pretrain` runs task pretrain (use slm finetune)")
-    if args.command == "finetune" and cfg.model.init == "scratch":
+    pretraining = ("pretrain", "span_corruption", "mlm")
+    if args.command == "pretrain" and cfg.task not in pretraining:
+        raise SlmError(f"{args.config}: task is {cfg.task!r}; `slm pretrain` runs tasks {', '.join(pretraining)} "
+                       f"(use slm finetune)")
+    if args.command == "finetune" and cfg.model.init == "scratch" and cfg.task != "classify":
         raise SlmError(f"{args.config}: fine-tuning starts from a trained model; set model.init")
     result = train(cfg, resume=args.resume)
     val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""

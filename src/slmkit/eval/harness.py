@@ -34,7 +34,8 @@ def evaluate(model, tasks: Sequence[str | Task], *, limit: int | None = None, nu
                           progress=progress)
     report: dict[str, Any] = {
         "config": {"model": model.source, "dtype": str(model.model.dtype).replace("torch.", ""),
-                   "quant": model.model.quant, "tasks": names, "limit": limit, "num_fewshot": num_fewshot,
+                   "quant": getattr(model.model, "quant", "none"),  # encoders have no compact form
+                   "tasks": names, "limit": limit, "num_fewshot": num_fewshot,
                    "batch_size": batch_size, "seed": seed, "max_length": evaluator.max_length,
                    "data_dir": str(data_dir) if data_dir else os.environ.get("SLMKIT_DATA"),
                    "slmkit": __version__, "python": platform.python_version()},

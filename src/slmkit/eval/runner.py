@@ -14,6 +14,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..encoder_api import EncoderLM
 from ..engine.generate import generate
 from ..engine.sampling import SamplingParams
 from ..errors import SlmError
@@ -94,6 +95,11 @@ class Evaluator:
             raise SlmError(f"num_fewshot must be >= 0, got {k}")
         if task.kind == "perplexity" and k:
             raise TaskError(f"task {task.name}: few-shot examples do not apply to a perplexity task")
+        if isinstance(self.lm, EncoderLM):
+            if task.kind != "classification" or k:
+                raise TaskError(f"task {task.name}: an encoder is scored by its classification head, on "
+                                f"classification tasks without few-shot examples (got {task.kind}, {k}-shot)")
+            return self._result(task, self._head(task, docs_eval), k)
         same_pool = task.fewshot_data is None
         pool = docs if same_pool else read_records(**_spec(task.fewshot_data), data_dir=self.data_dir)
         prefixes = [] if task.kind == "perplexity" else \
@@ -101,7 +107,9 @@ class Evaluator:
         runner = {"multiple_choice": self._choices, "classification": self._choices,
                   "generate": self._generate, "loglikelihood": self._loglikelihood,
                   "perplexity": self._perplexity}[task.kind]
-        samples = runner(task, docs_eval, prefixes)
+        return self._result(task, runner(task, docs_eval, prefixes), k)
+
+    def _result(self, task: Task, samples: list[dict], k: int) -> dict[str, Any]:
         result: dict[str, Any] = {"kind": task.kind, "n": len(samples), "num_fewshot": k}
         for metric in self.metric_names(task):
             result[metric] = M.aggregate(task.kind, metric, samples)
@@ -148,6 +156,21 @@ class Evaluator:
                 "pred": pred, "pred_norm": pred_norm,
                 "acc": float(pred == gold), "acc_norm": float(pred_norm == gold),
             })
+        return samples
+
+    def _head(self, task: Task, docs: list[dict]) -> list[dict]:
+        """An encoder's classification head: logit j scores choice j (a label's index is its choice's)."""
+        texts = [task.classifier_text(d) for d in docs]
+        logits = self.lm.classify(texts, batch_size=self.batch_size).tolist()
+        samples = []
+        for i, (doc, text, row) in enumerate(zip(docs, texts, logits)):
+            choices = task.choice_list(doc)
+            if len(choices) != len(row):
+                raise TaskError(f"task {task.name}: {len(choices)} choices, the model's head has {len(row)} labels")
+            gold, pred = task.target_index(doc, len(choices)), max(range(len(row)), key=row.__getitem__)
+            samples.append({"index": i, "prompt": text, "choices": choices, "gold": gold, "logits": row,
+                            "pred": pred, "pred_norm": pred, "acc": float(pred == gold),
+                            "acc_norm": float(pred == gold)})
         return samples
 
     def _loglikelihood(self, task: Task, docs: list[dict], prefixes: list[str]) -> list[dict]:

@@ -82,6 +82,7 @@ class Task:
     text: str = "text"  # perplexity: expression giving a document's text
     detokenize: str | None = None  # perplexity: a named text cleaner (see metrics.DETOKENIZERS)
     source: str = ""  # where the prompt format comes from (for the report)
+    classifier_input: str | None = None  # encoders: template of the text the classification head reads
 
     # --------------------------------------------------------------- loading
     @classmethod
@@ -137,6 +138,8 @@ class Task:
     def _templates(self) -> dict[str, Any]:
         compiled: dict[str, Any] = {"prompt": _ENV.from_string(self.prompt),
                                     "description": _ENV.from_string(self.description)}
+        if self.classifier_input is not None:
+            compiled["classifier_input"] = _ENV.from_string(self.classifier_input)
         for name in ("target", "answer", "fewshot_target", "contexts", "continuation", "text"):
             if getattr(self, name) is not None:
                 compiled[name] = _ENV.compile_expression(getattr(self, name))
@@ -157,6 +160,10 @@ class Task:
 
     def prompt_text(self, doc: dict) -> str:
         return self._eval("prompt", doc)
+
+    def classifier_text(self, doc: dict) -> str:
+        """What an encoder's classification head reads: ``classifier_input``, else the prompt."""
+        return self._eval("classifier_input" if self.classifier_input is not None else "prompt", doc)
 
     def description_text(self, doc: dict) -> str:
         return self._eval("description", doc)

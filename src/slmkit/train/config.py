@@ -1,7 +1,7 @@
 """Training configuration: one YAML file per run, read into dataclasses with every key checked.
 
 A config has five sections — ``model``, ``data``, ``optim``, ``run`` and (for LoRA) ``lora`` — plus
-``task`` (``pretrain`` or ``sft``) and ``out_dir``. Unknown keys are errors, so a typo never silently
+``task`` (one of ``TASKS``) and ``out_dir``. Unknown keys are errors, so a typo never silently
 falls back to a default. ``--set section.key=value`` on the command line overrides any value.
 """
 
@@ -17,6 +17,9 @@ import yaml
 from ..errors import SlmError
 
 
+TASKS = ("pretrain", "sft", "span_corruption", "seq2seq", "mlm", "classify")
+
+
 @dataclass
 class ModelSection:
     init: str = "scratch"  # "scratch" or a model to start from (registry name, .gguf, HF folder)
@@ -24,6 +27,8 @@ class ModelSection:
     tokenizer: str | None = None  # tokenizer folder for a scratch model (trained here when absent)
     tokenizer_vocab_size: int = 8192  # BPE vocabulary when the tokenizer is trained for this run
     init_std: float = 0.02  # normal init of every matrix in a scratch model
+    num_labels: int = 2  # classify: classes of the classification head
+    labels: list[str] = field(default_factory=list)  # classify: class names by index (for string labels)
 
 
 @dataclass
@@ -38,6 +43,16 @@ class DataSection:
     document_mask: bool = False  # pretrain: attention stops at document boundaries inside a packed window
     val_fraction: float = 0.01
     workers: int = 2  # tokenization processes
+    noise_density: float = 0.15  # span_corruption: fraction of tokens dropped (data.seq_len = encoder tokens)
+    mean_span_length: float = 3.0  # span_corruption: mean length of a dropped span
+    train_file: str | list[str] | None = None  # seq2seq: .jsonl of {input, target}; classify: labelled files
+    val_file: str | None = None  # seq2seq, classify: held-out records (else val_fraction of train_file)
+    input_field: str = "input"  # seq2seq: record field of the source text
+    target_field: str = "target"  # seq2seq: record field of the target text
+    target_len: int = 128  # seq2seq: longest target in tokens, EOS included (data.seq_len: longest input)
+    text_column: str | None = None  # classify: text field / column (default: sentence or text)
+    label_column: str = "label"  # classify: label field / column
+    mask_prob: float = 0.15  # mlm: fraction of the non-special tokens masked
 
 
 @dataclass
@@ -84,7 +99,7 @@ class LoraSection:
 
 @dataclass
 class TrainConfig:
-    task: str = "pretrain"  # pretrain | sft
+    task: str = "pretrain"  # one of TASKS
     out_dir: str = "runs/run"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -94,7 +109,7 @@ class TrainConfig:
 
     def __post_init__(self):
         checks = [
-            (self.task in ("pretrain", "sft"), f"task must be pretrain or sft, got {self.task!r}"),
+            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}"),
             (self.optim.schedule in ("cosine", "wsd", "constant"),
              f"optim.schedule must be cosine, wsd or constant, got {self.optim.schedule!r}"),
             (self.run.precision in ("fp32", "bf16"), f"run.precision must be fp32 or bf16, got {self.run.precision!r}"),
@@ -104,6 +119,7 @@ class TrainConfig:
             (self.run.max_steps > 0 or self.run.max_tokens > 0, "set run.max_steps or run.max_tokens"),
             (self.data.seq_len >= 2, "data.seq_len must be >= 2"),
             (0 <= self.optim.decay_fraction <= 1, "optim.decay_fraction must be within [0, 1]"),
+            (0 < self.data.mask_prob < 1, "data.mask_prob must be between 0 and 1 (exclusive)"),
         ]
         for ok, message in checks:
             if not ok:

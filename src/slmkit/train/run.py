@@ -283,6 +283,14 @@ def builder(task: str) -> Callable[[TrainConfig, Dist], RunParts]:
     """The function that builds a task's parts (decoder tasks here; encoder and seq2seq tasks in their modules)."""
     if task in ("pretrain", "sft"):
         return build
+    if task in ("span_corruption", "seq2seq"):
+        from .seq2seq_tasks import build_seq2seq_task
+
+        return build_seq2seq_task
+    if task in ("mlm", "classify"):
+        from .encoder_tasks import build_encoder_task
+
+        return build_encoder_task
     raise SlmError(f"task {task!r} has no builder")
 
 
