@@ -18,7 +18,8 @@ warmup), micro-batch, gradient accumulation and precision (transformers: ``bf16=
 autocast). tokens/s is the tokens of the timed optimizer steps (after ``--warmup`` untimed steps, which
 also absorb torch.compile's compilation) over their wall time. slmkit runs with its defaults for this
 config (torch.compile on); ``--slm-eager`` adds a row without compilation, ``--hf-compile`` a row with
-transformers' ``torch_compile=True``.
+transformers' ``torch_compile=True``, ``--hf-malloc`` a row of transformers with the glibc malloc settings
+slmkit's trainer applies to its own process; ``--only`` runs the named rows alone.
 """
 
 from __future__ import annotations
@@ -120,6 +121,10 @@ def run_hf(spec: dict) -> dict:
     from slmkit.train.corpus import PackedDataset
 
     torch.set_num_threads(spec["threads"])
+    if spec.get("hf_malloc"):  # the glibc settings slmkit's trainer applies to itself
+        from slmkit.train.run import keep_freed_memory
+
+        keep_freed_memory()
     cfg = spec["config"]
     run, optim = cfg["run"], cfg["optim"]
     data = PackedDataset(cfg["data"]["shards"], "train", cfg["data"]["seq_len"])
@@ -213,6 +218,9 @@ def main() -> None:
     p.add_argument("--cache", default=str(ROOT / "bench" / ".cache" / "train"))
     p.add_argument("--slm-eager", action="store_true", help="also time slmkit without torch.compile")
     p.add_argument("--hf-compile", action="store_true", help="also time transformers with torch_compile=True")
+    p.add_argument("--hf-malloc", action="store_true",
+                   help="also time transformers with slmkit's glibc malloc settings (run.keep_freed_memory)")
+    p.add_argument("--only", default=None, help="comma-separated row labels to run (default: all)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.child:
@@ -232,14 +240,19 @@ def main() -> None:
         plan.append(("hf", f"transformers-{precision}", False, {}))
         if args.hf_compile:
             plan.append(("hf", f"transformers-compile-{precision}", False, {"hf_compile": True}))
+        if args.hf_malloc:
+            plan.append(("hf", f"transformers-malloc-{precision}", False, {"hf_malloc": True}))
+        if args.only:
+            plan = [row for row in plan if row[1] in args.only.split(",")]
         for engine, label, compile_, extra in plan:
             spec = {**base, **extra, "config": train_config(args, cache, precision, compile_, work / label)}
             rows.append({"precision": precision, **measure(engine, spec, work, label)})
             print(json.dumps(rows[-1]), flush=True)
     print(f"\n{'engine':<28}{'tokens/s':>10}{'vs HF':>8}{'1st loss':>10}{'last loss':>10}{'warm-up s':>10}")
     for row in rows:
-        hf = next(r for r in rows if r["engine"] == f"transformers-{row['precision']}")
-        print(f"{row['engine']:<28}{row['tokens_per_s']:>10.0f}{row['tokens_per_s'] / hf['tokens_per_s']:>7.2f}x"
+        hf = next((r for r in rows if r["engine"] == f"transformers-{row['precision']}"), None)
+        ratio = row["tokens_per_s"] / hf["tokens_per_s"] if hf else float("nan")
+        print(f"{row['engine']:<28}{row['tokens_per_s']:>10.0f}{ratio:>7.2f}x"
               f"{row['first_loss']:>10.4f}{row['last_loss']:>10.4f}{row['warmup_s']:>10.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
