@@ -268,9 +268,11 @@ class Trainer:
                 logger.log(0, tokens=0, val_loss=val)
             history.append({"step": 0, "tokens": 0, "val_loss": val})
         t_start = time.perf_counter()
-        t_last, tokens_since = t_start, 0
+        train_seconds, tokens_since = 0.0, 0  # tokens/s counts training steps only, not evaluation or saving
         for step in range(start, self.steps):
+            t_step = time.perf_counter()
             loss, grad_norm, _ = self.train_step(step)
+            train_seconds += time.perf_counter() - t_step
             done = step + 1
             tokens_since += self.step_tokens
             tokens_seen += self.step_tokens
@@ -280,10 +282,8 @@ class Trainer:
                 val = self.evaluate()
                 row["val_loss"] = val
             if done % cfg.run.log_every == 0 or "val_loss" in row:
-                now = time.perf_counter()
-                row["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-                row["elapsed_s"] = now - t_start
-                t_last, tokens_since = now, 0
+                row["tokens_per_s"] = tokens_since / max(train_seconds, 1e-9)  # elapsed_s: the logger's clock,
+                train_seconds, tokens_since = 0.0, 0                              # continued across resumes
                 if logger is not None:
                     logger.log(done, **row)
                 history.append({"step": done, **row})
