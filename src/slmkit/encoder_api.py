@@ -13,9 +13,6 @@ batches are right-padded with the pad token. A tokenizer.json that pins padding 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .errors import ModelFileError, SlmError, UnsupportedError
-from .formats.hf import read_hf_json, read_hf_state_dict
+from .formats.hf import read_hf_json, read_hf_state_dict, write_folder_atomically
 from .models.encoder import (EncoderConfig, EncoderModel, encoder_state_for_hf, hf_architecture,
                              load_encoder_state, mean_pool)
 from .tokenizer import Tokenizer
@@ -179,7 +176,7 @@ class EncoderLM:
                 (tmp / "sentence_bert_config.json").write_text(
                     json.dumps({"max_seq_length": self.embed_max_length, "do_lower_case": False}, indent=2) + "\n")
 
-        return _write_folder_atomically(Path(folder), fill)
+        return write_folder_atomically(Path(folder), fill)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -273,22 +270,3 @@ def _as_list(texts: str | Sequence[str], what: str) -> list[str]:
     return items
 
 
-def _write_folder_atomically(folder: Path, fill: Callable[[Path], None]) -> Path:
-    """``fill`` a temporary sibling folder, then rename it over ``folder`` (never a half-written model)."""
-    if folder.exists() and not folder.is_dir():
-        raise ModelFileError(f"{folder}: exists and is not a folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        fill(tmp)
-        if folder.exists():
-            backup = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(folder, backup)
-            os.replace(tmp, folder)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder

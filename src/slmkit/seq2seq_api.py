@@ -5,10 +5,7 @@ KV cache), gives teacher-forced logits, and saves an HF folder transformers open
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import ModelFileError, SlmError
-from .formats.hf import read_hf_json, read_hf_state_dict
+from .formats.hf import read_hf_json, read_hf_state_dict, write_folder_atomically
 from .models.t5 import T5, build_t5, t5_state_to_hf
 from .tokenizer import Tokenizer
 
@@ -162,7 +159,7 @@ class Seq2SeqLM:
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp)
 
-        return _write_folder_atomically(Path(folder), fill)
+        return write_folder_atomically(Path(folder), fill)
 
     def num_parameters(self) -> int:
         return self.config.num_parameters()
@@ -199,27 +196,6 @@ class Seq2SeqLM:
             "decoder_start_id": self.decoder_start_id,
             "eos_ids": sorted(self.eos_ids),
         }
-
-
-def _write_folder_atomically(folder: Path, fill) -> Path:
-    """``fill(tmp)`` writes the files into a temporary sibling folder, which then replaces ``folder``."""
-    if folder.exists() and not folder.is_dir():
-        raise ModelFileError(f"{folder}: exists and is not a folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        fill(tmp)
-        if folder.exists():
-            backup = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(folder, backup)
-            os.replace(tmp, folder)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 def load_seq2seq(path: str | Path, dtype: str | torch.dtype = "float32") -> Seq2SeqLM:

@@ -8,7 +8,6 @@ norms and biases as they are. Written by ``slm quantize``; read by ``slmkit.load
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

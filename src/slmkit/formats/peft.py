@@ -10,9 +10,6 @@ every family slmkit reads works.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +19,7 @@ from torch import nn
 
 from ..errors import ModelFileError, SlmError, UnsupportedError
 from ..nn.lora import check_can_adapt, lora_modules, wrap_modules
+from .hf import write_folder_atomically
 from .keys import HF_KEYS, hf_to_slm, slm_to_hf
 
 CONFIG_FILE = "adapter_config.json"
@@ -117,24 +115,11 @@ def save_peft_adapter(model: nn.Module, folder: str | Path, *, family: str | Non
 
 def _write_atomically(folder: Path, state: dict[str, torch.Tensor], config: dict) -> Path:
     """Both files go to a temporary sibling that is then renamed into place (an old folder is replaced)."""
-    if folder.exists() and not folder.is_dir():
-        raise SlmError(f"{folder}: exists and is not a folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    def fill(tmp: Path) -> None:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if folder.exists():
-            backup = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(folder, backup)
-            os.replace(tmp, folder)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return write_folder_atomically(folder, fill)
 
 
 def read_peft_config(folder: str | Path) -> dict:

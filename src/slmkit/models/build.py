@@ -10,24 +10,32 @@ from ..nn.rope import inv_frequencies
 from .decoder import Decoder
 
 
-def build_decoder(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                  source: str = "checkpoint") -> Decoder:
-    with torch.device("meta"):
-        model = Decoder(cfg)
-    if cfg.tie_word_embeddings:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+def check_weights(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, what: str,
+                  name_of=lambda key: key) -> None:
+    """A ModelFileError naming missing, unexpected and wrongly shaped tensors (by ``name_of``, e.g. the
+    checkpoint's own key names) when ``state`` does not fit a model whose state dict is ``expected``."""
+    missing = sorted(name_of(k) for k in set(expected) - set(state))
+    unexpected = sorted(name_of(k) for k in set(state) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensor(s), e.g. {', '.join(unexpected[:3])}")
-        raise ModelFileError(f"{source}: weights do not match the architecture: {'; '.join(parts)}")
-    for k, v in model.state_dict().items():
+        raise ModelFileError(f"{source}: weights do not match {what}: {'; '.join(parts)}")
+    for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
-            raise ModelFileError(f"{source}: tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+            raise ModelFileError(f"{source}: tensor {name_of(k)} has shape {tuple(state[k].shape)}, "
+                                 f"expected {tuple(v.shape)}")
+
+
+def build_decoder(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                  source: str = "checkpoint") -> Decoder:
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    if cfg.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    check_weights(model.state_dict(), state, source, "the architecture")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     # non-persistent buffers (RoPE tables) were created on the meta device: make them real
     model.inv_freq = inv_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling_factor)

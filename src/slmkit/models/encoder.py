@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ContextLengthError, ModelFileError, UnsupportedError
+from .build import check_weights
 
 FAMILIES = ("bert", "roberta")
 _ACTIVATIONS = {
@@ -521,21 +522,9 @@ def load_encoder_state(cfg: EncoderConfig, hf_state: dict[str, torch.Tensor], dt
         state.pop("mlm_head.decoder.weight", None)  # a stored copy of the tied embeddings
     with torch.device("meta"):
         model = EncoderModel(cfg, heads)
-    expected = model.state_dict()
     prefixed = any(k.startswith(cfg.family + ".") for k in hf_state)
-    missing = sorted(encoder_key_to_hf(k, cfg.family, prefixed) for k in set(expected) - set(state))
-    unexpected = sorted(stored_as[k] for k in set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s), e.g. {', '.join(unexpected[:3])}")
-        raise ModelFileError(f"{source}: weights do not match the {cfg.family} encoder: {'; '.join(parts)}")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ModelFileError(f"{source}: tensor {stored_as[k]} has shape {tuple(state[k].shape)}, "
-                                 f"expected {tuple(v.shape)}")
+    check_weights(model.state_dict(), state, source, f"the {cfg.family} encoder",
+                  name_of=lambda k: stored_as.get(k) or encoder_key_to_hf(k, cfg.family, prefixed))
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     return model.eval()
 

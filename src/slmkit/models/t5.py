@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelFileError, SlmError, UnsupportedError
+from .build import check_weights
 
 _ACTIVATIONS = {
     "relu": F.relu,
@@ -501,20 +502,7 @@ def load_t5_state(model: T5, hf_state: dict[str, torch.Tensor], dtype: torch.dty
     cfg = model.cfg
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    expected = model.state_dict()
-    missing = sorted(t5_to_hf_key(k, cfg) for k in set(expected) - set(state))
-    extra = sorted(t5_to_hf_key(k, cfg) for k in set(state) - set(expected))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
-        if extra:
-            parts.append(f"unexpected {len(extra)} tensor(s), e.g. {', '.join(extra[:3])}")
-        raise ModelFileError(f"{source}: weights do not match the T5 config: {'; '.join(parts)}")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ModelFileError(f"{source}: tensor {t5_to_hf_key(k, cfg)} has shape {tuple(state[k].shape)}, "
-                                 f"expected {tuple(v.shape)}")
+    check_weights(model.state_dict(), state, source, "the T5 config", name_of=lambda k: t5_to_hf_key(k, cfg))
     keep_fp32 = dtype == torch.float16  # transformers keeps the FFN output projection (wo) in fp32 for fp16
     model.load_state_dict({k: v.to(torch.float32 if keep_fp32 and k.endswith("ffn.down.weight") else dtype)
                            for k, v in state.items()}, assign=True)
