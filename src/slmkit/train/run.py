@@ -298,7 +298,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     keep_freed_memory()
     d = init_distributed(cfg.run.distributed, cfg.run.device)
     try:
-        torch.set_num_threads(cfg.run.threads or max(1, (torch.get_num_threads())))
+        if cfg.run.threads:  # else torch's default: every core
+            torch.set_num_threads(cfg.run.threads)
         parts = builder(cfg.task)(cfg, d)
         out = Path(cfg.out_dir)
         if d.main:

@@ -77,7 +77,6 @@ class Trainer:
         self.on_save = on_save
         self.steps = total_steps(cfg, d.world)
         self.global_batch = cfg.run.micro_batch_size * cfg.run.grad_accum * d.world
-        self.tokens_per_step = self.global_batch * cfg.data.seq_len
         self.frozen = any(not p.requires_grad for p in model.parameters())  # LoRA: checkpoint trainable only
 
         blocks = list(model.layers) if blocks is None else blocks
@@ -110,21 +109,22 @@ class Trainer:
         set_state_dict(self.loss_module, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                        options=options)
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, tokens: int) -> None:
         model_sd, optim_sd = self._state_dicts()  # a collective under FSDP: every rank takes part
         if self.d.main:
             state = {"step": step, "model": model_sd, "optimizer": optim_sd, "rng": rng_state(),
-                     "data_position": step * self.global_batch, "world": self.d.world,
+                     "data_position": step * self.global_batch, "tokens": tokens, "world": self.d.world,
                      "config": self.cfg.to_dict()}
             save_checkpoint(self.out / "checkpoints", step, state, keep=self.cfg.run.keep_checkpoints)
         self.d.barrier()
 
-    def _resume(self) -> int:
+    def _resume(self) -> tuple[int, int]:
+        """(step, tokens seen) of the latest checkpoint, its state loaded; (0, 0) when there is none."""
         path = latest_checkpoint(self.out / "checkpoints")
         if path is None:
             if self.d.main:
                 print(f"no checkpoint in {self.out / 'checkpoints'}: starting from step 0", file=sys.stderr)
-            return 0
+            return 0, 0
         state = load_checkpoint(path)
         saved = state["data_position"] // max(1, state["step"]) if state["step"] else self.global_batch
         if saved != self.global_batch:
@@ -132,7 +132,7 @@ class Trainer:
                            f"{self.global_batch}; resume with the same batch settings")
         self._load_state_dicts(state["model"], state["optimizer"])
         set_rng_state(state["rng"])
-        return int(state["step"])
+        return int(state["step"]), int(state["tokens"])
 
     # ------------------------------------------------------------------ steps
     def _indices(self, step: int, micro: int) -> list[int]:
@@ -234,16 +234,6 @@ class Trainer:
             self.on_save({k.removeprefix("model."): v for k, v in state.items()})
         self.d.barrier()
 
-    def _tokens_at(self, step: int) -> int:
-        """Tokens consumed by ``step`` steps: from the metrics a resumed run keeps, else step x batch."""
-        if step == 0:
-            return 0
-        from .metrics import read_metrics
-
-        csv = self.out / "metrics.csv"
-        rows = [r for r in read_metrics(csv) if r["step"] <= step and r["tokens"]] if csv.is_file() else []
-        return int(rows[-1]["tokens"]) if rows and rows[-1]["step"] == step else step * self.tokens_per_step
-
     # ------------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> TrainResult:
         from tqdm import tqdm
@@ -255,13 +245,12 @@ class Trainer:
         if not resume and latest_checkpoint(self.out / "checkpoints") is not None:
             raise SlmError(f"{self.out} already holds checkpoints of a run: pass --resume to continue it, or "
                            f"choose another out_dir")
-        start = self._resume() if resume else 0
+        start, tokens_seen = self._resume() if resume else (0, 0)
         logger = MetricsLogger(self.out, resume_step=start) if self.d.main else None
         self.loss_module.train()
         bar = tqdm(total=self.steps, initial=start, unit="step", dynamic_ncols=True,
                    disable=not (cfg.run.progress and self.d.main))
         history, loss, val = [], float("nan"), None
-        tokens_seen = self._tokens_at(start)
         if start == 0 and self.val_data is not None and self.val_size:  # the starting point, for comparison
             val = self.evaluate()
             if logger is not None:
@@ -291,7 +280,7 @@ class Trainer:
                             **({"val": f"{val:.4f}"} if val is not None else {}))
             bar.update(1)
             if done % cfg.run.save_every == 0 or done == self.steps:
-                self.save(done)
+                self.save(done, tokens_seen)
         bar.close()
         seconds = time.perf_counter() - t_start
         if logger is not None:
