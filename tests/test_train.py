@@ -84,6 +84,23 @@ def test_wsd_schedule_is_flat_then_decays_over_the_last_fraction():
     assert lr_at(99, 100, **kw) == pytest.approx(0.0)
 
 
+# ---------------------------------------------------------------- precision
+def test_precision_auto_takes_bf16_only_where_it_is_native(monkeypatch, capsys):
+    from slmkit.train import precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: False)
+    assert precision.resolve_precision("auto", cpu) == "fp32"
+    assert precision.resolve_precision("fp32", cpu) == "fp32"
+    assert precision.resolve_precision("bf16", cpu) == "bf16"  # as asked, with a warning
+    assert "no native bf16" in capsys.readouterr().err
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: True)
+    assert precision.resolve_precision("auto", cpu) == "bf16"
+    precision.resolve_precision("bf16", cpu)
+    assert "warning" not in capsys.readouterr().err
+    assert config_from_dict({"run": {"max_steps": 1, "precision": "auto"}}).run.precision == "auto"
+
+
 # ---------------------------------------------------------------- config errors
 def test_config_names_unknown_keys_and_bad_values(tmp_path):
     with pytest.raises(SlmError, match="unknown key.*lrr"):

@@ -18,6 +18,7 @@ from ..errors import SlmError
 
 
 TASKS = ("pretrain", "sft", "span_corruption", "seq2seq", "mlm", "classify")
+PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware has it natively (train/precision.py)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class RunSection:
     grad_accum: int = 1
     max_steps: int = 0  # 0 -> from max_tokens
     max_tokens: int = 0
-    precision: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay fp32)
+    precision: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay fp32) | auto (bf16 where native)
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
     seed: int = 0
@@ -112,7 +113,8 @@ class TrainConfig:
             (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}"),
             (self.optim.schedule in ("cosine", "wsd", "constant"),
              f"optim.schedule must be cosine, wsd or constant, got {self.optim.schedule!r}"),
-            (self.run.precision in ("fp32", "bf16"), f"run.precision must be fp32 or bf16, got {self.run.precision!r}"),
+            (self.run.precision in PRECISIONS,
+             f"run.precision must be fp32, bf16 or auto, got {self.run.precision!r}"),
             (self.run.distributed in ("ddp", "fsdp"), f"run.distributed must be ddp or fsdp, got {self.run.distributed!r}"),
             (self.run.device in ("cpu", "cuda", "auto"), f"run.device must be cpu, cuda or auto, got {self.run.device!r}"),
             (self.run.micro_batch_size >= 1 and self.run.grad_accum >= 1, "micro_batch_size and grad_accum must be >= 1"),
