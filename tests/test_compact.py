@@ -38,8 +38,9 @@ def test_quantized_linear_matches_its_dequantized_weight():
     torch.manual_seed(0)
     w, x = torch.randn(64, 128), torch.randn(3, 128)
     q8, s8 = quantize_int8(w)
-    ref8 = x.bfloat16().float() @ (q8.float() * s8.bfloat16().float()[:, None]).T
-    assert torch.allclose(Int8Linear(q8, s8, None)(x), ref8, rtol=2e-2, atol=2e-2)
+    ref8 = x @ (q8.float() * s8[:, None]).T
+    got8 = Int8Linear(q8, s8, None)(x)  # slmkit's kernel (x rounded to int8 blocks) or torch's (x in bf16)
+    assert (got8 - ref8).norm() / ref8.norm() < 0.01
     codes, scale, minimum = quantize_int4(w)
     deq = codes.float().reshape(64, 4, 32) * scale[..., None] + minimum[..., None]
     assert (deq.reshape(64, 128) - w).abs().max() <= scale.max() / 2 + 1e-6  # rounding error bound

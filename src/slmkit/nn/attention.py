@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import ModelConfig
 from .norms import RMSNorm
 from .rope import apply_rope, apply_rope_interleaved
@@ -52,6 +53,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v, start)
         if t == 1:
+            ops = kernels.load() if q.device.type == "cpu" and not torch.compiler.is_compiling() else None
+            if (ops is not None and q.dtype == k.dtype == torch.float32 and kernels.inference_only(q, k, v)
+                    and (mask is None or mask.shape[-1] == k.shape[2])):  # one call instead of ten ops
+                valid = None if mask is None else mask.reshape(b, k.shape[2])
+                out = ops.attend_one(q.reshape(b, self.n_heads, self.head_dim).contiguous(), k, v, valid, self.scale)
+                return self.o(out.reshape(b, 1, self.n_heads * self.head_dim))
             return self.o(self._attend_one(q, k, v, mask).reshape(b, 1, self.n_heads * self.head_dim))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale=self.scale,

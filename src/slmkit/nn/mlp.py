@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -21,7 +23,7 @@ class GatedMLP(nn.Module):
         self.gate = nn.Linear(dim, hidden, bias=bias)
         self.up = nn.Linear(dim, hidden, bias=bias)
         self.down = nn.Linear(hidden, dim, bias=bias)
-        self.act = ACTIVATIONS[activation]
+        self.act, self.activation = ACTIVATIONS[activation], activation
         self.gate_up = None  # set by models.compact.fuse: one matmul for gate|up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -29,8 +31,12 @@ class GatedMLP(nn.Module):
             if isinstance(self.gate_up, nn.Linear):
                 gate, up = self.gate_up(x).chunk(2, dim=-1)
                 return self.down(self.act(gate) * up)
-            # quantized: the product feeds a bf16 matmul, so it stays bf16 (two casts fewer per layer)
-            gate, up = self.gate_up(x, out_dtype=torch.bfloat16).chunk(2, dim=-1)
+            # quantized: when the product feeds a bf16 matmul it stays bf16 (two casts fewer per layer)
+            inner = torch.bfloat16 if self.gate_up.takes_bf16 else x.dtype
+            ops = kernels.load() if inner == torch.float32 and self.activation == "silu" else None
+            if ops is not None:  # slmkit's int8 kernel: fp32 throughout, silu(gate) * up in one call
+                return self.down(ops.silu_mul(self.gate_up(x, out_dtype=inner).contiguous()))
+            gate, up = self.gate_up(x, out_dtype=inner).chunk(2, dim=-1)
             return self.down(self.act(gate) * up, out_dtype=x.dtype)
         return self.down(self.act(self.gate(x)) * self.up(x))
 

@@ -1,9 +1,11 @@
 """Weight-only quantized linear layers for fast CPU decoding.
 
-``int8``: one symmetric scale per output row; matmul by ``torch._weight_int8pack_mm``.
+``int8``: one symmetric scale per output row; matmul by slmkit's AVX2 kernel (``kernels/int8_linear.cpp``:
+the activation quantized to int8 blocks of 32 on the fly, integer dot products, weights read once for all
+rows of x), or by ``torch._weight_int8pack_mm`` where that kernel is not available.
 ``int4``: asymmetric groups of 32 along the input dim (w = q*scale + min, as GGUF Q4_1 stores it);
 matmul by ``torch._weight_int4pack_mm_for_cpu``.
-Both kernels take bf16 activations: decoding at batch 1 reads every weight once per token, so
+torch's kernels take bf16 activations: decoding at batch 1 reads every weight once per token, so
 the cost is the bytes of weights, and these read 1/4 and 1/8 of fp32's. The residual stream stays
 in the model's dtype; only the matmul input is cast.
 """
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedError
+from .. import kernels
 
 INT4_GROUP = 32
 QUANT_MODES = ("none", "int8", "int4")
@@ -43,28 +46,33 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = q.shape
         self.register_buffer("weight_int8", q.contiguous())
         self.register_buffer("scale", scale.to(torch.bfloat16).contiguous())
+        self.register_buffer("scale_f32", scale.float().contiguous(), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        ops = kernels.load() if self.in_features % 32 == 0 else None
+        self.kernel = None if ops is None else ops.int8_linear
+        self.takes_bf16 = self.kernel is None  # torch's kernel casts its input to bf16; slmkit's takes fp32
 
-    def forward_refined(self, x: torch.Tensor) -> torch.Tensor:
-        """Output-head logits: the fast bf16 kernel for every row, then the entries within a few bf16
-        steps of each row's maximum recomputed in fp32. bf16 keeps 3 significant digits (at 25.0 a step
-        is 0.125), so greedy picks would otherwise fall on ties; near-max entries are usually a handful."""
+    def forward_refined(self, x: torch.Tensor, candidates: int = 16) -> torch.Tensor:
+        """Output-head logits: the fast kernel for every entry, then each row's ``candidates`` largest
+        recomputed exactly in fp32. The kernels round (torch's outputs bf16, 3 significant digits: at 25.0 a
+        step is 0.125; slmkit's rounds the activation to int8 blocks), so greedy picks would otherwise fall
+        on near-ties; the true maximum is always among the approximate top few."""
         logits = self.forward(x)
         out = logits.reshape(-1, self.out_features)
-        top = out.max(dim=-1, keepdim=True).values
-        near = out >= top - top.abs() * 2.0 ** -5 - 1e-3  # 4 bf16 steps
-        rows, cols = near.nonzero(as_tuple=True)
-        weights = self.weight_int8[cols].float() * self.scale[cols].float()[:, None]
-        exact = (weights * x.reshape(-1, self.in_features).float()[rows]).sum(-1)
+        cols = out.topk(min(candidates, self.out_features), dim=-1).indices  # [R, C]
+        weights = self.weight_int8[cols].float() * self.scale_f32[cols][..., None]  # [R, C, K]
+        exact = torch.einsum("rck,rk->rc", weights, x.reshape(-1, self.in_features).float())
         if self.bias is not None:
             exact = exact + self.bias[cols]
-        out = out.index_put((rows, cols), exact.to(out.dtype))
-        return out.reshape(logits.shape)
+        return out.scatter(1, cols, exact.to(out.dtype)).reshape(logits.shape)
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``out_dtype=torch.bfloat16`` skips the cast back when the next consumer takes bf16 anyway."""
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scale)
+        if self.kernel is not None and x.device.type == "cpu":
+            y = self.kernel(x.reshape(-1, shape[-1]).float().contiguous(), self.weight_int8, self.scale_f32)
+        else:
+            y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scale)
         y = y.to(out_dtype or x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -80,6 +88,7 @@ class Int4Linear(nn.Module):
             raise UnsupportedError(
                 f"int4 needs out_features divisible by 16 and in_features by {group}, got {tuple(codes.shape)}")
         self.group = group
+        self.takes_bf16 = True
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2))
         # the kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale
         scale_zero = torch.stack((scale.float(), minimum.float() + 8 * scale.float()), dim=-1)  # [N, G, 2]

@@ -1,0 +1,132 @@
+// y = x @ (q * scale[:, None]).T for int8 weights with one scale per output row, on AVX2.
+//
+// The activation is quantized on the fly to int8 in blocks of 32 (one float scale per block, as
+// llama.cpp's Q8_0), so each weight block meets its activation block in one integer dot product:
+// |x| (unsigned) times sign(x) * w (signed) with maddubs, pairs summed to int32 with madd, then one
+// float multiply-add by the block's activation scale. The row's weight scale is applied once at the end.
+// Weights are walked once per call: for every tile of output rows, every row of x is taken while the
+// tile is in cache, so M rows cost far less than M matrix-vector products. Rows are split over torch's
+// intra-op threads.
+#include <ATen/ATen.h>
+#include <torch/types.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+// One row of x (k floats) to int8 blocks of 32 and their scales (max |x| / 127).
+void quantize_row(const float* x, int64_t k, int8_t* q, float* scale) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    const float* xb = x + b * kBlock;
+    __m256 m = _mm256_setzero_ps();
+    for (int i = 0; i < kBlock; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign_mask, _mm256_loadu_ps(xb + i)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float amax = _mm_cvtss_f32(h);
+    const float s = amax / 127.0f;
+    scale[b] = s;
+    const __m256 inv = _mm256_set1_ps(s > 0.0f ? 1.0f / s : 0.0f);
+    __m256i packed[4];
+    for (int i = 0; i < 4; ++i) {
+      __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xb + 8 * i), inv);
+      packed[i] = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    // int32 -> int16 -> int8 with saturation, then undo the lane interleave of the two packs
+    __m256i p16a = _mm256_packs_epi32(packed[0], packed[1]);
+    __m256i p16b = _mm256_packs_epi32(packed[2], packed[3]);
+    __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+    p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kBlock), p8);
+  }
+}
+
+// Block dot products of one activation block with four weight rows' blocks, accumulated in floats.
+inline __m256i dot32(__m256i ax, __m256i xs, __m256i w, __m256i ones) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, xs)), ones);
+}
+
+}  // namespace
+
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kChar && weight.is_contiguous(), "weight: int8 [N, K]");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.numel() == weight.size(0), "scale: float32 [N]");
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  TORCH_CHECK(weight.size(1) == k && k % kBlock == 0, "K must match and be a multiple of 32");
+  const int64_t nb = k / kBlock;
+
+  auto qx = torch::empty({m, k}, torch::kChar);
+  auto sx = torch::empty({m, nb}, torch::kFloat);
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = qx.data_ptr<int8_t>();
+  float* sp = sx.data_ptr<float>();
+  at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) quantize_row(xp + r * k, k, qp + r * k, sp + r * nb);
+  });
+
+  auto y = torch::empty({m, n}, torch::kFloat);
+  float* yp = y.data_ptr<float>();
+  const int8_t* wp = weight.data_ptr<int8_t>();
+  const float* wsp = scale.data_ptr<float>();
+  constexpr int64_t kRows = 4;  // output rows per tile, read together
+  const int64_t tiles = (n + kRows - 1) / kRows;
+  at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * kRows;
+      if (r0 + kRows <= n) {
+        const int8_t* w0 = wp + r0 * k;
+        for (int64_t i = 0; i < m; ++i) {
+          const int8_t* xq = qp + i * k;
+          const float* xs = sp + i * nb;
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+          for (int64_t b = 0; b < nb; ++b) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
+            const __m256i ax = _mm256_sign_epi8(xv, xv);
+            const __m256 s = _mm256_set1_ps(xs[b]);
+            const int8_t* wb = w0 + b * kBlock;
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ax, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb)), ones)), s, a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ax, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + k)), ones)), s, a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ax, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 2 * k)), ones)), s, a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ax, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 3 * k)), ones)), s, a3);
+          }
+          float* yr = yp + i * n + r0;
+          yr[0] = hsum(a0) * wsp[r0];
+          yr[1] = hsum(a1) * wsp[r0 + 1];
+          yr[2] = hsum(a2) * wsp[r0 + 2];
+          yr[3] = hsum(a3) * wsp[r0 + 3];
+        }
+      } else {
+        for (int64_t r = r0; r < n; ++r) {
+          for (int64_t i = 0; i < m; ++i) {
+            const int8_t* xq = qp + i * k;
+            const float* xs = sp + i * nb;
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t b = 0; b < nb; ++b) {
+              const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
+              const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + r * k + b * kBlock));
+              a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(_mm256_sign_epi8(xv, xv), xv, wv, ones)),
+                                  _mm256_set1_ps(xs[b]), a);
+            }
+            yp[i * n + r] = hsum(a) * wsp[r];
+          }
+        }
+      }
+    }
+  });
+  return y;
+}

@@ -1,0 +1,99 @@
+"""slmkit's AVX2 int8 kernel against the arithmetic it claims to do, computed in float64 by torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slmkit import kernels
+from slmkit.nn.quant import Int8Linear, quantize_int8
+
+ops = kernels.load()
+kernel = None if ops is None else ops.int8_linear
+pytestmark = pytest.mark.skipif(ops is None, reason="the int8 kernel needs an x86 CPU with AVX2 and a C++ compiler")
+
+
+def block_quantized_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x quantized to int8 per block of 32 (scale max|x|/127, round half to even), integer dot products
+    with the int8 weights, block scales and row scales applied: what the kernel computes, in float64."""
+    m, k = x.shape
+    blocks = x.double().reshape(m, k // 32, 32)
+    step = blocks.abs().amax(-1) / 127
+    qx = torch.round(blocks / torch.where(step > 0, step, 1)[..., None]).clamp(-127, 127)
+    per_block = torch.einsum("mbk,nbk->mnb", qx, q.double().reshape(q.shape[0], k // 32, 32))
+    return (per_block * step[:, None, :]).sum(-1) * scale.double()
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 576, 576), (1, 49, 64), (3, 1538, 576), (7, 960, 1536), (33, 203, 96)])
+def test_int8_kernel_matches_its_arithmetic(m, n, k):
+    torch.manual_seed(m * n + k)
+    w, x = torch.randn(n, k), torch.randn(m, k) * 3
+    x[0, :40] = 0  # an all-zero block (scale 0) and part of the next
+    q, scale = quantize_int8(w)
+    got = kernel(x, q, scale).double()
+    want = block_quantized_reference(x, q, scale)
+    assert got.shape == (m, n)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # and it is close to the exact product: the activation rounding costs well under 1% here
+    dense = x.double() @ (q.double() * scale.double()[:, None]).T
+    assert (got - dense).norm() / dense.norm() < 0.01
+
+
+def test_int8_linear_uses_the_kernel_and_keeps_shapes_and_bias():
+    torch.manual_seed(0)
+    w, bias, x = torch.randn(40, 64), torch.randn(40), torch.randn(2, 5, 64)
+    q, scale = quantize_int8(w)
+    layer = Int8Linear(q, scale, bias)
+    assert layer.kernel is kernel
+    y = layer(x)
+    want = block_quantized_reference(x.reshape(10, 64), q, scale).float().reshape(2, 5, 40) + bias
+    assert y.shape == (2, 5, 40) and y.dtype == torch.float32
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-5)
+
+
+def test_int8_kernel_rejects_bad_shapes():
+    q, scale = quantize_int8(torch.randn(8, 48))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        kernel(torch.randn(2, 48), q, scale)
+
+
+def test_rms_norm_matches_torch():
+    torch.manual_seed(1)
+    x, w = torch.randn(3, 7, 576) * 4, torch.randn(576)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), torch.nn.functional.rms_norm(x, (576,), w, 1e-5),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_silu_mul_matches_torch():
+    torch.manual_seed(2)
+    gate_up = torch.randn(2, 5, 2 * 1536) * 6
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_module_uses_torch_when_a_gradient_is_wanted():
+    from slmkit.nn.norms import RMSNorm
+
+    norm = RMSNorm(64, 1e-6)
+    x = torch.randn(2, 64, requires_grad=True)
+    norm(x).sum().backward()  # the kernel has no backward: this must take torch's op
+    assert x.grad is not None and norm.weight.grad is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (64,), norm.weight, 1e-6))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attend_one_matches_sdpa_over_a_cache_view(masked):
+    torch.manual_seed(3)
+    b, h, kv, d, length, capacity = 3, 9, 3, 64, 37, 50
+    q = torch.randn(b, h, d)
+    cache_k, cache_v = torch.randn(b, kv, capacity, d), torch.randn(b, kv, capacity, d)
+    k, v = cache_k[:, :, :length], cache_v[:, :, :length]  # strided views, as the caches return them
+    valid = torch.rand(b, length) > 0.3 if masked else None
+    if masked:
+        valid[:, -1] = True  # a row always sees its own new slot
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k, v, attn_mask=None if valid is None else valid[:, None, None, :], scale=0.125,
+        enable_gqa=True)
+    got = ops.attend_one(q, k, v, valid, 0.125)
+    torch.testing.assert_close(got, want.reshape(b, h * d), atol=1e-5, rtol=1e-5)
