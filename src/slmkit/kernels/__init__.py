@@ -2,14 +2,16 @@
 
 ``load()`` returns the module (``int8_linear``: the AVX2 int8 weight-only matmul of ``int8_linear.cpp``;
 ``rms_norm`` and ``silu_mul`` of ``fused_ops.cpp``), or ``None`` where it cannot run: not an x86 CPU with
-AVX2, no compiler, or ``SLMKIT_KERNELS=0``; callers then use torch's own ops. The build is cached by torch
-(``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) and redone only when a source changes;
-``python -m slmkit.kernels`` builds it ahead of time (``make install`` does).
+AVX2, no compiler, or ``SLMKIT_KERNELS=0``; callers then use torch's own ops. The build lives in a folder
+named by a hash of the sources, flags, torch and Python versions (under ``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/slmkit/kernels``), so a later process imports it directly and a changed source builds afresh; ``python -m slmkit.kernels`` builds it ahead of time (``make install`` does).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -23,16 +25,47 @@ def _cpu_has_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512", "AVX512_BF16", "AMX")
 
 
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+_NAME = "slmkit_cpu_kernels"
+
+
+def _build_dir() -> Path:
+    """A folder per (sources, flags, torch, Python): a built module there is current by construction."""
+    digest = hashlib.sha256()
+    for part in [p.read_bytes() for p in _SOURCES] + [" ".join(_FLAGS).encode(), torch.__version__.encode(),
+                                                    sys.version.encode()]:
+        digest.update(part)
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slmkit" / "kernels"
+    return Path(cache) / f"{_NAME}_{digest.hexdigest()[:12]}"
+
+
+def _import_built(folder: Path):
+    """The module built earlier in ``folder`` (no compiler, no ninja run), or None."""
+    path = folder / f"{_NAME}.so"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(_NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @functools.cache
 def load():
     """The compiled kernels module, or ``None`` (see the module docstring)."""
     if os.environ.get("SLMKIT_KERNELS", "1") == "0" or not _cpu_has_avx2():
         return None
-    from torch.utils.cpp_extension import load as build
-
     try:
-        return build(name="slmkit_cpu_kernels", sources=[str(p) for p in _SOURCES],
-                     extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        folder = _build_dir()
+        module = _import_built(folder)
+        if module is None:
+            from torch.utils.cpp_extension import load as build
+
+            folder.mkdir(parents=True, exist_ok=True)
+            module = build(name=_NAME, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS,
+                           extra_ldflags=["-fopenmp"], build_directory=str(folder))
+        return module
     except Exception as exc:  # no compiler, no headers: torch's own ops still work
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         print(f"slmkit: the CPU kernels could not be built ({type(exc).__name__}: {first_line}); "
