@@ -97,3 +97,25 @@ def test_attend_one_matches_sdpa_over_a_cache_view(masked):
         enable_gqa=True)
     got = ops.attend_one(q, k, v, valid, 0.125)
     torch.testing.assert_close(got, want.reshape(b, h * d), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 576, 576), (5, 35, 64), (32, 130, 1536)])
+def test_int4_kernel_matches_its_arithmetic(m, n, k):
+    from slmkit.nn.quant import Int4Linear, quantize_int4
+
+    torch.manual_seed(m + n + k)
+    w, x = torch.randn(n, k), torch.randn(m, k) * 2
+    codes, scale, minimum = quantize_int4(w)
+    layer = Int4Linear(codes, scale, minimum, None)
+    assert layer.kernel is ops.int4_linear
+    # what the kernel computes: float16 scale/minimum, x rounded to int8 blocks of 32
+    s16, m16 = scale.half().double(), minimum.half().double()
+    blocks = x.double().reshape(m, k // 32, 32)
+    step = blocks.abs().amax(-1) / 127
+    qx = torch.round(blocks / torch.where(step > 0, step, 1)[..., None]).clamp(-127, 127)
+    code_dot = torch.einsum("mbk,nbk->mnb", qx, codes.double().reshape(n, k // 32, 32))
+    want = (step[:, None] * (s16[None] * code_dot + m16[None] * qx.sum(-1)[:, None])).sum(-1)
+    got = layer(x).double()
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    dense = x.double() @ (codes.double().reshape(n, k // 32, 32) * s16[..., None] + m16[..., None]).reshape(n, k).T
+    assert (got - dense).norm() / dense.norm() < 0.01

@@ -1,6 +1,7 @@
 """slmkit's own CPU kernels, compiled once with the machine's C++ compiler as a torch extension.
 
-``load()`` returns the module (``int8_linear``: the AVX2 int8 weight-only matmul of ``int8_linear.cpp``;
+``load()`` returns the module (``int8_linear`` and ``int4_linear``: the AVX2 weight-only matmuls of
+``int8_linear.cpp`` and ``int4_linear.cpp``;
 ``rms_norm`` and ``silu_mul`` of ``fused_ops.cpp``), or ``None`` where it cannot run: not an x86 CPU with
 AVX2, no compiler, or ``SLMKIT_KERNELS=0``; callers then use torch's own ops. The build lives in a folder
 named by a hash of the sources, flags, torch and Python versions (under ``$TORCH_EXTENSIONS_DIR`` or
@@ -18,21 +19,23 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("bindings.cpp", "int8_linear.cpp", "fused_ops.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in
+            ("bindings.cpp", "int8_linear.cpp", "int4_linear.cpp", "fused_ops.cpp")]
+_HEADERS = [Path(__file__).with_name("common.h")]
 
 
 def _cpu_has_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512", "AVX512_BF16", "AMX")
 
 
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _NAME = "slmkit_cpu_kernels"
 
 
 def _build_dir() -> Path:
     """A folder per (sources, flags, torch, Python): a built module there is current by construction."""
     digest = hashlib.sha256()
-    for part in [p.read_bytes() for p in _SOURCES] + [" ".join(_FLAGS).encode(), torch.__version__.encode(),
+    for part in [p.read_bytes() for p in _SOURCES + _HEADERS] + [" ".join(_FLAGS).encode(), torch.__version__.encode(),
                                                     sys.version.encode()]:
         digest.update(part)
     cache = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(

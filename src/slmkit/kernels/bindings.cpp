@@ -2,6 +2,8 @@
 #include <torch/extension.h>
 
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale);  // int8_linear.cpp
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
+                          torch::Tensor minimum);                                       // int4_linear.cpp
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);              // fused_ops.cpp
 torch::Tensor silu_mul(torch::Tensor gate_up);                                          // fused_ops.cpp
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> valid,
@@ -9,6 +11,8 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("int8_linear", &int8_linear, "x[M,K] float32 @ (int8 weight[N,K] * scale[N]).T -> float32 [M,N]");
+  mod.def("int4_linear", &int4_linear,
+          "x[M,K] float32 @ 4-bit weight (codes [N,K/2], float16 scale/minimum [N,K/32]).T -> float32 [M,N]");
   mod.def("rms_norm", &rms_norm, "RMSNorm over the last dim, float32");
   mod.def("attend_one", &attend_one, "one query per row over cached keys/values (GQA), float32 -> [B, H*D]",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("valid"), py::arg("scale"));

@@ -4,7 +4,7 @@
 the activation quantized to int8 blocks of 32 on the fly, integer dot products, weights read once for all
 rows of x), or by ``torch._weight_int8pack_mm`` where that kernel is not available.
 ``int4``: asymmetric groups of 32 along the input dim (w = q*scale + min, as GGUF Q4_1 stores it);
-matmul by ``torch._weight_int4pack_mm_for_cpu``.
+matmul by slmkit's AVX2 kernel (``kernels/int4_linear.cpp``), else ``torch._weight_int4pack_mm_for_cpu``.
 torch's kernels take bf16 activations: decoding at batch 1 reads every weight once per token, so
 the cost is the bytes of weights, and these read 1/4 and 1/8 of fp32's. The residual stream stays
 in the model's dtype; only the matmul input is cast.
@@ -78,27 +78,42 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """4-bit weights in torch's CPU int4 layout; ``codes``/``scale``/``minimum`` stay readable for saving."""
+    """4-bit weights, groups of 32: slmkit's AVX2 kernel where it runs (codes two per byte in its block
+    layout, float16 scale and minimum), else torch's CPU int4 layout and kernel."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None,
                  group: int = INT4_GROUP):
         super().__init__()
         self.out_features, self.in_features = codes.shape
+        self.group = group
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        ops = kernels.load() if group == 32 and self.in_features % 32 == 0 else None
+        self.kernel = None if ops is None else ops.int4_linear
+        self.takes_bf16 = self.kernel is None
+        if self.kernel is not None:
+            # per group of 32: byte i holds code i (low nibble) and code i + 16 (high nibble)
+            blocks = codes.to(torch.uint8).reshape(self.out_features, -1, 2, 16)
+            packed = blocks[:, :, 0] | (blocks[:, :, 1] << 4)
+            self.register_buffer("codes_blocked", packed.reshape(self.out_features, -1).contiguous())
+            self.register_buffer("scale_f16", scale.to(torch.float16).contiguous())
+            self.register_buffer("minimum_f16", minimum.to(torch.float16).contiguous())
+            return
         if self.out_features % 16 or self.in_features % group:
             raise UnsupportedError(
                 f"int4 needs out_features divisible by 16 and in_features by {group}, got {tuple(codes.shape)}")
-        self.group = group
-        self.takes_bf16 = True
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2))
         # the kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale
         scale_zero = torch.stack((scale.float(), minimum.float() + 8 * scale.float()), dim=-1)  # [N, G, 2]
         self.register_buffer("scale_zero", scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, self.group, self.scale_zero)
+        flat = x.reshape(-1, shape[-1])
+        if self.kernel is not None and x.device.type == "cpu":
+            y = self.kernel(flat.float().contiguous(), self.codes_blocked, self.scale_f16, self.minimum_f16)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, self.group,
+                                                            self.scale_zero)
         y = y.to(out_dtype or x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
