@@ -45,7 +45,8 @@ def test_quantized_linear_matches_its_dequantized_weight():
     deq = codes.float().reshape(64, 4, 32) * scale[..., None] + minimum[..., None]
     assert (deq.reshape(64, 128) - w).abs().max() <= scale.max() / 2 + 1e-6  # rounding error bound
     ref4 = x @ deq.reshape(64, 128).T
-    assert torch.allclose(Int4Linear(codes, scale, minimum, None)(x), ref4, rtol=5e-2, atol=5e-2)
+    got4 = Int4Linear(codes, scale, minimum, None)(x)  # slmkit's kernel (float16 scales, int8 x) or torch's
+    assert (got4 - ref4).norm() / ref4.norm() < 0.02
 
 
 def test_tied_table_is_held_once(smollm2_gguf):

@@ -174,13 +174,15 @@ def test_cached_decoding_equals_full_recompute(folders, variant):
         cache = model.new_cache(capacity=2)  # too small on purpose: the cache must grow
         for t in range(steps):
             step = model.decode(tokens[:, t:t + 1], enc, mask, cache, start=t)
-            assert (step[:, 0] - full[:, t]).abs().max().item() <= 1e-5, f"step {t}"
+            # float rounding only (matmuls of other shapes): 1.01e-5 was measured on an AVX2 machine; a cache
+            # fault would be off by tenths
+            assert (step[:, 0] - full[:, t]).abs().max().item() <= 5e-5, f"step {t}"
         assert cache.length == steps and cache.keys[0].shape[2] >= steps
         # a chunk of several tokens, then single steps, equals the same recompute
         chunked = model.new_cache()
         first = model.decode(tokens[:, :5], enc, mask, chunked, start=0)
         rest = [model.decode(tokens[:, t:t + 1], enc, mask, chunked, start=t) for t in range(5, steps)]
-        assert (torch.cat([first, *rest], dim=1) - full).abs().max().item() <= 1e-5
+        assert (torch.cat([first, *rest], dim=1) - full).abs().max().item() <= 5e-5
         # the cross-attention K/V were computed once and kept
         assert chunked.cross is not None and len(chunked.cross) == model.cfg.num_decoder_layers
 
