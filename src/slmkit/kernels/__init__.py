@@ -1,11 +1,12 @@
 """slmkit's own CPU kernels, compiled once with the machine's C++ compiler as a torch extension.
 
-``load()`` returns the module (``int8_linear`` and ``int4_linear``: the AVX2 weight-only matmuls of
-``int8_linear.cpp`` and ``int4_linear.cpp``;
-``rms_norm`` and ``silu_mul`` of ``fused_ops.cpp``), or ``None`` where it cannot run: not an x86 CPU with
-AVX2, no compiler, or ``SLMKIT_KERNELS=0``; callers then use torch's own ops. The build lives in a folder
-named by a hash of the sources, flags, torch and Python versions (under ``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/slmkit/kernels``), so a later process imports it directly and a changed source builds afresh; ``python -m slmkit.kernels`` builds it ahead of time (``make install`` does).
+``load()`` returns the module -- ``int8_linear`` and ``int4_linear`` (weight-only matmuls with int8-block
+activations, ``int8_linear.cpp`` / ``int4_linear.cpp``), ``rms_norm``, ``silu_mul`` and ``attend_one``
+(``fused_ops.cpp``) -- or ``None`` where it cannot run: not an x86 CPU with AVX2, no compiler, or
+``SLMKIT_KERNELS=0``; callers then use torch's own ops. The build lives in a folder named by a hash of the
+sources, flags, torch and Python versions (under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/slmkit/kernels``), so a
+later process imports it directly and a changed source builds afresh; ``python -m slmkit.kernels`` builds it
+ahead of time (``make install`` does).
 """
 
 from __future__ import annotations
@@ -22,22 +23,21 @@ import torch
 _SOURCES = [Path(__file__).with_name(name) for name in
             ("bindings.cpp", "int8_linear.cpp", "int4_linear.cpp", "fused_ops.cpp")]
 _HEADERS = [Path(__file__).with_name("common.h")]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+_NAME = "slmkit_cpu_kernels"
 
 
 def _cpu_has_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512", "AVX512_BF16", "AMX")
 
 
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
-_NAME = "slmkit_cpu_kernels"
-
-
 def _build_dir() -> Path:
     """A folder per (sources, flags, torch, Python): a built module there is current by construction."""
     digest = hashlib.sha256()
-    for part in [p.read_bytes() for p in _SOURCES + _HEADERS] + [" ".join(_FLAGS).encode(), torch.__version__.encode(),
-                                                    sys.version.encode()]:
-        digest.update(part)
+    for path in _SOURCES + _HEADERS:
+        digest.update(path.read_bytes())
+    for text in (" ".join(_FLAGS), torch.__version__, sys.version):
+        digest.update(text.encode())
     cache = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slmkit" / "kernels"
     return Path(cache) / f"{_NAME}_{digest.hexdigest()[:12]}"

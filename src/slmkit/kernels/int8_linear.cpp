@@ -23,7 +23,8 @@ using slmkit::hsum;
 using slmkit::kBlock;
 using slmkit::quantize_row;
 
-// Block dot products of one activation block with four weight rows' blocks, accumulated in floats.
+// The 8 int32 partial sums of one activation block (32 int8) times one weight block: sign(x) moves onto w
+// so maddubs can take |x| as its unsigned operand.
 inline __m256i dot32(__m256i ax, __m256i xs, __m256i w, __m256i ones) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, xs)), ones);
 }

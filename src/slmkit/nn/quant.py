@@ -56,7 +56,7 @@ class Int8Linear(nn.Module):
         """Output-head logits: the fast kernel for every entry, then each row's ``candidates`` largest
         recomputed exactly in fp32. The kernels round (torch's outputs bf16, 3 significant digits: at 25.0 a
         step is 0.125; slmkit's rounds the activation to int8 blocks), so greedy picks would otherwise fall
-        on near-ties; the true maximum is always among the approximate top few."""
+        on near-ties; the true maximum lies among the approximate top few."""
         logits = self.forward(x)
         out = logits.reshape(-1, self.out_features)
         cols = out.topk(min(candidates, self.out_features), dim=-1).indices  # [R, C]
