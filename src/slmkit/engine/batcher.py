@@ -113,6 +113,10 @@ class _Running:
         values[self.rows, :, self.lengths] = v[:, :, 0]
         return keys[:n, :, :self.span], values[:n, :, :self.span]
 
+    def decode_slots(self, start: int, batch: int):
+        """For models.fused_decode: (keys, values per layer, each row's slot, span)."""
+        return self.cache.keys, self.cache.values, self.lengths, self.span
+
 
 class Batcher:
     """Runs sequences on one model in a background thread (``start``), ``max_batch`` at a time."""

@@ -20,3 +20,8 @@ class KVCache:
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def decode_slots(self, start: int, batch: int):
+        """For a one-token step of ``batch`` rows at ``start``: (keys, values per layer, each row's slot, span)."""
+        slots = torch.full((batch,), start, dtype=torch.int64, device=self.keys[0].device)
+        return self.keys, self.values, slots, start + 1

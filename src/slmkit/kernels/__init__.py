@@ -2,7 +2,8 @@
 
 ``load()`` returns the module -- ``int8_linear`` and ``int4_linear`` (weight-only matmuls with int8-block
 activations, ``int8_linear.cpp`` / ``int4_linear.cpp``), ``rms_norm``, ``silu_mul`` and ``attend_one``
-(``fused_ops.cpp``) -- or ``None`` where it cannot run: not an x86 CPU with AVX2, no compiler, or
+(``fused_ops.cpp``), ``DecodeLayer`` (a compact model's whole decoder layer for one new token per row,
+``decode_layer.cpp``) -- or ``None`` where it cannot run: not an x86 CPU with AVX2, no compiler, or
 ``SLMKIT_KERNELS=0``; callers then use torch's own ops. The build lives in a folder named by a hash of the
 sources, flags, torch and Python versions (under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/slmkit/kernels``), so a
 later process imports it directly and a changed source builds afresh; ``python -m slmkit.kernels`` builds it
@@ -21,8 +22,8 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name(name) for name in
-            ("bindings.cpp", "int8_linear.cpp", "int4_linear.cpp", "fused_ops.cpp")]
-_HEADERS = [Path(__file__).with_name("common.h")]
+            ("bindings.cpp", "int8_linear.cpp", "int4_linear.cpp", "fused_ops.cpp", "decode_layer.cpp")]
+_HEADERS = [Path(__file__).with_name(name) for name in ("common.h", "linear.h", "fused.h")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _NAME = "slmkit_cpu_kernels"
 

@@ -8,6 +8,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);      
 torch::Tensor silu_mul(torch::Tensor gate_up);                                          // fused_ops.cpp
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> valid,
                          double scale);                                                 // fused_ops.cpp
+void bind_decode_layer(py::module_& mod);                                               // decode_layer.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("int8_linear", &int8_linear, "x[M,K] float32 @ (int8 weight[N,K] * scale[N]).T -> float32 [M,N]");
@@ -17,4 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("attend_one", &attend_one, "one query per row over cached keys/values (GQA), float32 -> [B, H*D]",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("valid"), py::arg("scale"));
   mod.def("silu_mul", &silu_mul, "silu(gate) * up from gate|up [..., 2h] -> [..., h], float32");
+  bind_decode_layer(mod);
 }

@@ -3,51 +3,120 @@
 #include <ATen/ATen.h>
 #include <torch/types.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-// y = x / sqrt(mean(x^2) + eps) * weight, over the last dim, in fp32 (Llama's RMSNorm).
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32");
-  TORCH_CHECK(weight.scalar_type() == torch::kFloat && weight.dim() == 1 && weight.size(0) == x.size(-1),
-              "weight: float32 [dim]");
-  const int64_t d = x.size(-1), rows = x.numel() / d;
-  auto y = torch::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+#include "common.h"
+#include "fused.h"
+
+namespace {
+
+// sum(a[i] * b[i]) over d floats, 8 lanes at a time where d allows.
+inline float dot(const float* a, const float* b, int64_t d) {
+  int64_t i = 0;
+  float total = 0.0f;
+  if (d >= 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    total = slmkit::hsum(acc);
+  }
+  for (; i < d; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// y[i] += p * x[i] over d floats.
+inline void axpy(float p, const float* x, float* y, int64_t d) {
+  int64_t i = 0;
+  const __m256 pv = _mm256_set1_ps(p);
+  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < d; ++i) y[i] += p * x[i];
+}
+
+}  // namespace
+
+namespace slmkit {
+
+void rms_norm_rows(const float* xp, int64_t rows, int64_t d, const float* wp, float eps, float* yp) {
   at::parallel_for(0, rows, 64, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const float* xr = xp + r * d;
       float* yr = yp + r * d;
       float ss = 0.0f;
       for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
       for (int64_t i = 0; i < d; ++i) yr[i] = xr[i] * inv * wp[i];
     }
   });
+}
+
+void silu_mul_rows(const float* gp, int64_t rows, int64_t h, float* yp) {
+  at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* g = gp + r * 2 * h;
+      const float* u = g + h;
+      float* out = yp + r * h;
+      for (int64_t i = 0; i < h; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
+  });
+}
+
+void attend_rows(const float* qp, int64_t b, int64_t h, int64_t d, CacheView k, CacheView v, int64_t kv,
+                 int64_t length, const bool* vp, float sc, float* op) {
+  const int64_t group = h / kv;
+  at::parallel_for(0, b * h, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> scores(length);
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t row = bh / h, head = bh % h, kvh = head / group;
+      const float* qv = qp + (row * h + head) * d;
+      const float* kb = k.base + row * k.stride_row + kvh * k.stride_head;
+      const float* vb = v.base + row * v.stride_row + kvh * v.stride_head;
+      float top = -INFINITY;
+      for (int64_t s = 0; s < length; ++s) {
+        if (vp && !vp[row * length + s]) { scores[s] = -INFINITY; continue; }
+        scores[s] = dot(qv, kb + s * k.stride_slot, d) * sc;
+        top = std::max(top, scores[s]);
+      }
+      float total = 0.0f;
+      for (int64_t s = 0; s < length; ++s) {
+        scores[s] = scores[s] == -INFINITY ? 0.0f : std::exp(scores[s] - top);
+        total += scores[s];
+      }
+      float* o = op + row * h * d + head * d;
+      std::fill(o, o + d, 0.0f);
+      const float inv_total = 1.0f / total;
+      for (int64_t s = 0; s < length; ++s) {
+        if (scores[s] != 0.0f) axpy(scores[s] * inv_total, vb + s * v.stride_slot, o, d);
+      }
+    }
+  });
+}
+
+}  // namespace slmkit
+
+// y = x / sqrt(mean(x^2) + eps) * weight, over the last dim, in fp32 (Llama's RMSNorm).
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32");
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat && weight.dim() == 1 && weight.size(0) == x.size(-1),
+              "weight: float32 [dim]");
+  const int64_t d = x.size(-1);
+  auto y = torch::empty_like(x);
+  slmkit::rms_norm_rows(x.data_ptr<float>(), x.numel() / d, d, weight.data_ptr<float>(), static_cast<float>(eps),
+                        y.data_ptr<float>());
   return y;
 }
 
 // gate|up [..., 2h] -> silu(gate) * up [..., h] (SwiGLU's inner product).
 torch::Tensor silu_mul(torch::Tensor gate_up) {
   TORCH_CHECK(gate_up.scalar_type() == torch::kFloat && gate_up.is_contiguous(), "gate_up: contiguous float32");
-  const int64_t two_h = gate_up.size(-1), h = two_h / 2, rows = gate_up.numel() / two_h;
+  const int64_t two_h = gate_up.size(-1), h = two_h / 2;
   TORCH_CHECK(two_h % 2 == 0, "gate_up: the last dim must be even");
   auto sizes = gate_up.sizes().vec();
   sizes.back() = h;
   auto y = torch::empty(sizes, gate_up.options());
-  const float* gp = gate_up.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      const float* g = gp + r * two_h;
-      const float* u = g + h;
-      float* out = yp + r * h;
-      for (int64_t i = 0; i < h; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-    }
-  });
+  slmkit::silu_mul_rows(gate_up.data_ptr<float>(), gate_up.numel() / two_h, h, y.data_ptr<float>());
   return y;
 }
 
@@ -71,44 +140,9 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10:
     vp = valid_c.data_ptr<bool>();
   }
   auto out = torch::empty({b, h * d}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vcp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t group = h / kv;
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
-  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, b * h, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> scores(length);
-    for (int64_t bh = lo; bh < hi; ++bh) {
-      const int64_t row = bh / h, head = bh % h, kvh = head / group;
-      const float* qv = qp + (row * h + head) * d;
-      const float* kb = kp + row * ks0 + kvh * ks1;
-      const float* vb = vcp + row * vs0 + kvh * vs1;
-      float top = -INFINITY;
-      for (int64_t s = 0; s < length; ++s) {
-        if (vp && !vp[row * length + s]) { scores[s] = -INFINITY; continue; }
-        const float* kr = kb + s * ks2;
-        float dot = 0.0f;
-        for (int64_t i = 0; i < d; ++i) dot += qv[i] * kr[i];
-        scores[s] = dot * sc;
-        top = std::max(top, scores[s]);
-      }
-      float total = 0.0f;
-      for (int64_t s = 0; s < length; ++s) {
-        scores[s] = scores[s] == -INFINITY ? 0.0f : std::exp(scores[s] - top);
-        total += scores[s];
-      }
-      float* o = op + row * h * d + head * d;
-      for (int64_t i = 0; i < d; ++i) o[i] = 0.0f;
-      for (int64_t s = 0; s < length; ++s) {
-        if (scores[s] == 0.0f) continue;
-        const float p = scores[s] / total;
-        const float* vr = vb + s * vs2;
-        for (int64_t i = 0; i < d; ++i) o[i] += p * vr[i];
-      }
-    }
-  });
+  const slmkit::CacheView kview{k.data_ptr<float>(), k.stride(0), k.stride(1), k.stride(2)};
+  const slmkit::CacheView vview{v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2)};
+  slmkit::attend_rows(q.data_ptr<float>(), b, h, d, kview, vview, kv, length, vp, static_cast<float>(scale),
+                      out.data_ptr<float>());
   return out;
 }

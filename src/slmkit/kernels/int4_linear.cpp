@@ -13,8 +13,10 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
+#include "linear.h"
 
 namespace {
 
@@ -33,23 +35,17 @@ inline float half(const uint16_t* p) { return _cvtsh_ss(*p); }
 
 }  // namespace
 
-torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minimum) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  const int64_t m = x.size(0), k = x.size(1), n = codes.size(0), nb = k / kBlock;
-  TORCH_CHECK(k % kBlock == 0, "K must be a multiple of 32");
-  TORCH_CHECK(codes.scalar_type() == torch::kByte && codes.is_contiguous() && codes.dim() == 2 && codes.size(1) == k / 2,
-              "codes: uint8 [N, K/2]");
-  TORCH_CHECK(scale.scalar_type() == torch::kHalf && minimum.scalar_type() == torch::kHalf && scale.is_contiguous() &&
-              minimum.is_contiguous() && scale.numel() == n * nb && minimum.numel() == n * nb,
-              "scale, minimum: float16 [N, K/32]");
+namespace slmkit {
 
-  auto qx = torch::empty({m, k}, torch::kChar);
-  auto sx = torch::empty({m, nb}, torch::kFloat);
-  auto sum_x = torch::empty({m, nb}, torch::kFloat);  // s_b * sum(qx) per block: the minimum's factor
-  const float* xp = x.data_ptr<float>();
-  int8_t* qp = qx.data_ptr<int8_t>();
-  float* sp = sx.data_ptr<float>();
-  float* sump = sum_x.data_ptr<float>();
+void int4_matmul(const float* xp, int64_t m, int64_t k, const uint8_t* cp, const uint16_t* scp, const uint16_t* mnp,
+                 int64_t n, float* yp) {
+  const int64_t nb = k / kBlock;
+  std::vector<int8_t> qx(m * k);
+  std::vector<float> sx(m * nb);
+  std::vector<float> sum_x(m * nb);  // s_b * sum(qx) per block: the minimum's factor
+  int8_t* qp = qx.data();
+  float* sp = sx.data();
+  float* sump = sum_x.data();
   at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
     const __m256i ones8 = _mm256_set1_epi8(1);
     const __m256i ones16 = _mm256_set1_epi16(1);
@@ -63,11 +59,6 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
     }
   });
 
-  auto y = torch::empty({m, n}, torch::kFloat);
-  float* yp = y.data_ptr<float>();
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const uint16_t* scp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
-  const uint16_t* mnp = reinterpret_cast<const uint16_t*>(minimum.data_ptr<at::Half>());
   const int64_t row_bytes = k / 2;
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
     const __m128i low_mask = _mm_set1_epi8(0x0F);
@@ -100,5 +91,22 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
       }
     }
   });
+}
+
+}  // namespace slmkit
+
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minimum) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  const int64_t m = x.size(0), k = x.size(1), n = codes.size(0), nb = k / kBlock;
+  TORCH_CHECK(k % kBlock == 0, "K must be a multiple of 32");
+  TORCH_CHECK(codes.scalar_type() == torch::kByte && codes.is_contiguous() && codes.dim() == 2 && codes.size(1) == k / 2,
+              "codes: uint8 [N, K/2]");
+  TORCH_CHECK(scale.scalar_type() == torch::kHalf && minimum.scalar_type() == torch::kHalf && scale.is_contiguous() &&
+              minimum.is_contiguous() && scale.numel() == n * nb && minimum.numel() == n * nb,
+              "scale, minimum: float16 [N, K/32]");
+  auto y = torch::empty({m, n}, torch::kFloat);
+  slmkit::int4_matmul(x.data_ptr<float>(), m, k, codes.data_ptr<uint8_t>(),
+                      reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>()),
+                      reinterpret_cast<const uint16_t*>(minimum.data_ptr<at::Half>()), n, y.data_ptr<float>());
   return y;
 }

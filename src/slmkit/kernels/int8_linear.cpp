@@ -14,8 +14,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
+#include "linear.h"
 
 namespace {
 
@@ -31,27 +33,17 @@ inline __m256i dot32(__m256i ax, __m256i xs, __m256i w, __m256i ones) {
 
 }  // namespace
 
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kChar && weight.is_contiguous(), "weight: int8 [N, K]");
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.numel() == weight.size(0), "scale: float32 [N]");
-  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  TORCH_CHECK(weight.size(1) == k && k % kBlock == 0, "K must match and be a multiple of 32");
-  const int64_t nb = k / kBlock;
+namespace slmkit {
 
-  auto qx = torch::empty({m, k}, torch::kChar);
-  auto sx = torch::empty({m, nb}, torch::kFloat);
-  const float* xp = x.data_ptr<float>();
-  int8_t* qp = qx.data_ptr<int8_t>();
-  float* sp = sx.data_ptr<float>();
+void int8_matmul(const float* xp, int64_t m, int64_t k, const int8_t* wp, const float* wsp, int64_t n, float* yp) {
+  const int64_t nb = k / kBlock;
+  std::vector<int8_t> qx(m * k);
+  std::vector<float> sx(m * nb);
+  int8_t* qp = qx.data();
+  float* sp = sx.data();
   at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) quantize_row(xp + r * k, k, qp + r * k, sp + r * nb);
   });
-
-  auto y = torch::empty({m, n}, torch::kFloat);
-  float* yp = y.data_ptr<float>();
-  const int8_t* wp = weight.data_ptr<int8_t>();
-  const float* wsp = scale.data_ptr<float>();
   constexpr int64_t kRows = 4;  // output rows per tile, read together
   const int64_t tiles = (n + kRows - 1) / kRows;
   at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
@@ -98,5 +90,18 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor s
       }
     }
   });
+}
+
+}  // namespace slmkit
+
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kChar && weight.is_contiguous(), "weight: int8 [N, K]");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.numel() == weight.size(0), "scale: float32 [N]");
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  TORCH_CHECK(weight.size(1) == k && k % kBlock == 0, "K must match and be a multiple of 32");
+  auto y = torch::empty({m, n}, torch::kFloat);
+  slmkit::int8_matmul(x.data_ptr<float>(), m, k, weight.data_ptr<int8_t>(), scale.data_ptr<float>(), n,
+                      y.data_ptr<float>());
   return y;
 }

@@ -23,6 +23,7 @@ from ..nn.attention import Attention
 from ..nn.mlp import GatedMLP, PlainMLP
 from ..nn.norms import make_norm
 from ..nn.rope import inv_frequencies, rope_cis, rope_cos_sin
+from . import fused_decode
 
 
 class Block(nn.Module):
@@ -72,6 +73,7 @@ class Decoder(nn.Module):
                              persistent=False)
 
     quant = "none"  # set by formats.compact.build_compact
+    _fused_layers: list | None | bool = False  # models.fused_decode's layers, built at the first decode step
     gradient_checkpointing = False  # training: recompute each block in the backward pass instead of storing it
 
     @property
@@ -88,6 +90,12 @@ class Decoder(nn.Module):
         if hasattr(self.lm_head, "forward_refined"):  # compact head: exact logits where they matter
             return self.lm_head.forward_refined(h)
         return self.lm_head(h)
+
+    def _fused_decode_layers(self):
+        """The compact model's one-call-per-layer decode path (models.fused_decode), built once; or None."""
+        if self._fused_layers is False:
+            self._fused_layers = fused_decode.build(self)
+        return self._fused_layers
 
     def forward(
         self,
@@ -120,6 +128,7 @@ class Decoder(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + t, device=device).expand(b, t)
         x = self.embed(input_ids).to(self.dtype)
+        fused = self._fused_decode_layers() if t == 1 and cache is not None and self.quant != "none" else None
         if self.cfg.embed_scale:
             x = x * torch.tensor(math.sqrt(self.cfg.hidden_size)).to(x.dtype)
         if self.layers[0].attn.rope_interleaved:  # compact checkpoint: complex rotations, one table
@@ -133,6 +142,8 @@ class Decoder(nn.Module):
             masks = custom_masks(self.cfg, attn_mask, positions)
         else:
             masks = attention_masks(self.cfg, t, start, key_valid, device)
+        if fused is not None and x.device.type == "cpu" and hasattr(cache, "decode_slots"):
+            return self.norm(fused_decode.decode(fused, x, positions, cache, start, masks[False]))
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             c, s = local if layer.sliding else (cos, sin)

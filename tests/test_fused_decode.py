@@ -1,0 +1,130 @@
+"""The fused decode layer (one C++ call per layer, models/fused_decode.py) against the eager path it replaces."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import slmkit
+from slmkit import kernels
+from slmkit.config import ModelConfig
+from slmkit.engine.batcher import Batcher, Sequence
+from slmkit.engine.generate import generate
+from slmkit.engine.kv_cache import KVCache
+from slmkit.engine.sampling import SamplingParams
+from slmkit.formats.compact import build_compact, compact_state
+from slmkit.models.decoder import Decoder
+
+ops = kernels.load()
+pytestmark = pytest.mark.skipif(ops is None, reason="the fused layer needs slmkit's kernels (x86 AVX2, a C++ compiler)")
+
+
+def tiny_compact(mode: str, qkv_bias: bool = False) -> Decoder:
+    """A 2-layer Llama / Qwen2-shaped compact model with random weights (GQA: 4 query heads, 2 KV heads)."""
+    cfg = ModelConfig(family="qwen2" if qkv_bias else "llama", vocab_size=128, hidden_size=64, n_layers=2,
+                      n_heads=4, n_kv_heads=2, intermediate_size=96, qkv_bias=qkv_bias, tie_word_embeddings=True)
+    torch.manual_seed(3)
+    weights = Decoder(cfg).state_dict()
+    for key, value in weights.items():
+        if key.endswith("bias") or "norm" in key:
+            weights[key] = value + 0.1 * torch.randn_like(value)  # non-trivial biases and norm weights
+    return build_compact(cfg, compact_state(cfg, weights, mode), mode, torch.float32, "test")
+
+
+def eager(model: Decoder) -> Decoder:
+    model._fused_layers = None  # the layer-by-layer torch path
+    return model
+
+
+def assert_close_steps(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    """Per step, logits within float rounding (~1e-7 relative measured) -- except that RoPE's cos/sin (C library
+    vs torch, an ulp apart) can flip one int8 rounding of an activation, which moves a step's logits by about
+    one quantization step (~2e-3 measured); so most steps must be exact to 1e-5 and none off by more than 1e-2."""
+    errors = [((g - w).norm() / w.norm()).item() for g, w in zip(got, want)]
+    assert max(errors) <= 1e-2, errors
+    assert sum(e <= 1e-5 for e in errors) >= 0.8 * len(errors), errors
+
+
+def decode_logits(model: Decoder, prompt: torch.Tensor, steps: int, key_valid=None) -> list[torch.Tensor]:
+    """Logits of a prefill then ``steps`` one-token steps that feed back fixed tokens."""
+    b, t = prompt.shape
+    cache = KVCache(model.cfg, b, t + steps, torch.float32)
+    out = []
+    with torch.inference_mode():
+        kv = None if key_valid is None else key_valid[:, :t]
+        positions = None if kv is None else (kv.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens
+        out.append(model(prompt, positions, kv, cache, 0, last_only=True))
+        for i in range(steps):
+            token = torch.full((b, 1), (7 * i + 5) % 128)
+            kv = None if key_valid is None else key_valid[:, :t + i + 1]
+            positions = torch.full((b, 1), t + i) if key_valid is None else kv.sum(-1, keepdim=True) - 1
+            out.append(model(token, positions, kv, cache, t + i, last_only=True))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_fused_steps_match_the_eager_layers(mode, qkv_bias):
+    fused = tiny_compact(mode, qkv_bias)
+    assert fused._fused_decode_layers() is not None, "the fused path should cover this model"
+    prompt = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(1))
+    got = decode_logits(fused, prompt, 12)
+    want = decode_logits(eager(tiny_compact(mode, qkv_bias)), prompt, 12)
+    assert_close_steps(got, want)
+
+
+def test_fused_steps_respect_left_padding():
+    model = tiny_compact("int8")
+    prompt = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(2))
+    valid = torch.ones(2, 5 + 6, dtype=torch.bool)
+    valid[1, :3] = False  # row 1 is a 2-token prompt, left-padded
+    got = decode_logits(model, prompt, 6, valid)
+    want = decode_logits(eager(tiny_compact("int8")), prompt, 6, valid)
+    assert_close_steps(got, want)
+    # and the padded row equals that row decoded alone, without padding
+    alone = decode_logits(tiny_compact("int8"), prompt[1:, 3:], 6)
+    assert_close_steps([g[1:] for g in got], alone)
+
+
+def test_batcher_rows_of_different_lengths_match_decoding_alone():
+    model = tiny_compact("int8")
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 128, (n,), generator=gen).tolist() for n in (5, 11, 3, 8)]
+    params = SamplingParams(max_new_tokens=9)
+    reference = eager(tiny_compact("int8"))
+    want = [generate(reference, None, [p], params, eos_ids=set())[0].token_ids for p in prompts]
+    done: dict[int, list[int]] = {}
+    finished = threading.Event()
+
+    def sink(i):
+        def on_event(ev):
+            if ev.done is not None:
+                done[i] = ev.done.token_ids
+                if len(done) == len(prompts):
+                    finished.set()
+        return on_event
+
+    batcher = Batcher(model, None, set(), max_batch=3)  # the 4th waits for a free row
+    batcher.start()
+    try:
+        for i, p in enumerate(prompts):
+            batcher.submit(Sequence(p, params, sink(i)))
+            time.sleep(0.01 * i)  # join while others are mid-way
+        assert finished.wait(60)
+    finally:
+        batcher.stop()
+    assert model._fused_layers is not None  # the batcher's steps went through the fused layers
+    assert [done[i] for i in range(len(prompts))] == want
+
+
+@pytest.mark.slow
+def test_real_model_greedy_text_is_unchanged(smollm2_gguf):
+    lm = slmkit.load(smollm2_gguf, quant="int8")
+    assert lm.model._fused_decode_layers() is not None
+    prompt = "The three primary colours are"
+    fused = lm.generate(prompt, max_new_tokens=40)
+    eager(lm.model)
+    assert lm.generate(prompt, max_new_tokens=40) == fused
