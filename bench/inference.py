@@ -317,10 +317,10 @@ class LlamaCppEngine:
     batched = False
 
     def __init__(self, job: dict):
-        import llama_cpp
-        self.label, self.warnings = "llama.cpp", []
-        self.llm = llama_cpp.Llama(model_path=job["model"], n_ctx=job["n_ctx"], n_threads=job["threads"],
-                                   n_threads_batch=job["threads"], n_batch=512, logits_all=False, verbose=False)
+        from llama_ref import AMX_NOTE, cpu_has_amx, open_llama
+        self.label, self.warnings = "llama.cpp", [AMX_NOTE] if cpu_has_amx() else []
+        self.llm = open_llama(job["model"], n_ctx=job["n_ctx"], n_threads=job["threads"],
+                              n_threads_batch=job["threads"], n_batch=512, logits_all=False, verbose=False)
 
     def prefill(self, ids: list[int]) -> None:
         self.llm.reset()

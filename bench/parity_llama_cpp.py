@@ -11,8 +11,8 @@ import math
 import os
 from pathlib import Path
 
-import llama_cpp
 import torch
+from llama_ref import open_llama
 
 import slmkit
 from slmkit.formats.registry import REGISTRY, locate
@@ -30,8 +30,7 @@ def main() -> None:
         doc = json.loads(f.readline())
     ids = lm.tokenizer.encode(" ".join(doc["text"].split()[200:600]))[:args.tokens]
     ours = lm.logits(ids)[0]
-    ref_model = llama_cpp.Llama(model_path=str(path), n_ctx=args.tokens + 8, logits_all=True, n_threads=2,
-                                verbose=False)
+    ref_model = open_llama(str(path), n_ctx=args.tokens + 8, logits_all=True, n_threads=2, verbose=False)
     ref_model.eval(ids)
     ref = torch.tensor(ref_model.scores[:args.tokens], dtype=torch.float32)
 

@@ -28,3 +28,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is not present (set SLMKIT_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def open_llama():
+    """``bench/llama_ref.open_llama``: llama-cpp-python's ``Llama``, opened so that it runs on this CPU."""
+    pytest.importorskip("llama_cpp")
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "llama_ref.py"
+    spec = importlib.util.spec_from_file_location("llama_ref", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.open_llama

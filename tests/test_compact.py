@@ -76,13 +76,11 @@ def test_slm_quantize_round_trip(mode, smollm2_gguf, text_ids, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_compact_logits_track_llama_cpp(mode, smollm2_gguf, text_ids):
+def test_compact_logits_track_llama_cpp(mode, smollm2_gguf, text_ids, open_llama):
     """llama.cpp runs the packaged Q4_1 file with int8-rounded activations, as our kernels do: the compact
     paths' next-token choices and perplexity on real text must follow it."""
-    llama_cpp = pytest.importorskip("llama_cpp")
     ids = text_ids[:256]
-    ref_model = llama_cpp.Llama(model_path=str(smollm2_gguf), n_ctx=len(ids) + 8, logits_all=True, n_threads=2,
-                                verbose=False)
+    ref_model = open_llama(str(smollm2_gguf), n_ctx=len(ids) + 8, logits_all=True, n_threads=2, verbose=False)
     ref_model.eval(ids)
     ref = torch.tensor(ref_model.scores[:len(ids)], dtype=torch.float32)
     ours = slmkit.load(smollm2_gguf, quant=mode).logits(ids)[0]

@@ -51,10 +51,8 @@ def test_logits_equal_transformers_on_dequantized_gguf(lm, hf_model, english_ids
     assert diff <= 1e-3, f"max abs logit difference {diff}"
 
 
-def test_logits_track_llama_cpp(lm, smollm2_gguf, english_ids):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    ref_model = llama_cpp.Llama(model_path=str(smollm2_gguf), n_ctx=N_TOKENS + 8, logits_all=True,
-                                n_threads=2, verbose=False)
+def test_logits_track_llama_cpp(lm, smollm2_gguf, english_ids, open_llama):
+    ref_model = open_llama(str(smollm2_gguf), n_ctx=N_TOKENS + 8, logits_all=True, n_threads=2, verbose=False)
     ref_model.eval(english_ids)
     ref = torch.tensor(ref_model.scores[:N_TOKENS], dtype=torch.float32)
     ours = lm.logits(english_ids)[0]
