@@ -203,8 +203,9 @@ def test_batched_logits_equal_per_row(lm):
     assert a != b and n >= 8
     both = lm.logits([a, b])
     assert both.shape == (2, n, lm.config.vocab_size) and both.dtype == torch.float32
-    torch.testing.assert_close(both[0], lm.logits(a)[0], rtol=0, atol=1e-4)
-    torch.testing.assert_close(both[1], lm.logits(b)[0], rtol=0, atol=1e-4)
+    # fp32 sums in another order for another batch shape: 1.04e-4 measured on an AMX Xeon (logits ~10)
+    torch.testing.assert_close(both[0], lm.logits(a)[0], rtol=0, atol=2e-4)
+    torch.testing.assert_close(both[1], lm.logits(b)[0], rtol=0, atol=2e-4)
     assert (both[0] - both[1]).abs().max() > 1, "rows should differ"
 
 

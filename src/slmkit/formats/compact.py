@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ModelFileError
+from ..models.build import skeleton
 from ..models.compact import fuse
 from ..models.decoder import Decoder
 from ..nn.rope import interleave_permutation, inv_frequencies
@@ -126,7 +127,7 @@ def build_compact(cfg: ModelConfig, state: dict[str, torch.Tensor], mode: str, d
     """The compact model for ``state`` (from :func:`compact_state`, which interleaves q/k rows when it can)."""
     if rope_interleaved is None:
         rope_interleaved = can_interleave_rope(cfg)
-    with torch.device("meta"):
+    with skeleton():
         model = fuse(Decoder(cfg))
     try:
         for name, module in list(model.named_modules()):

@@ -10,7 +10,8 @@ import torch
 
 
 def inv_frequencies(rotary_dim: int, theta: float, scaling_factor: float = 1.0) -> torch.Tensor:
-    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    """A CPU table even inside ``torch.device("meta")`` (a meta arange would import torch._dynamo)."""
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
     return 1.0 / (theta ** exponent) / scaling_factor
 
 
