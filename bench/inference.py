@@ -27,7 +27,9 @@ the timed run before each measurement, then ``--repeats`` timed runs, median rep
 * batch B tok/s -- aggregate decode rate for B prompts of 16..64 tokens, left-padded: all tokens
   generated after the first step, over the decode phase (first step to last step, as above).
   llama-cpp-python has no batch API, so it shows n/a; its single stream is the reference.
-* peak RSS MB -- ``ru_maxrss`` of the engine's own process (model loading included).
+* peak RSS MB -- ``ru_maxrss`` of the engine's own process (model loading included): once after the
+  single-stream runs (prefill, TTFT, decode: llama.cpp's whole workload, as it runs no batches) and once
+  at the end, batches included.
 
 Decode-phase times come from a clock read after each forward pass (a forward hook on the torch
 models; each token yielded by ``Llama.generate`` for llama.cpp). The llama.cpp subprocess imports
@@ -219,7 +221,8 @@ def render(info: dict, job: dict, args: argparse.Namespace, results: dict) -> st
     n, b_cols = args.new_tokens, args.batches
     head = ["engine", f"prefill tok/s ({args.prompt_tokens})", "prefill vs llama.cpp",
             f"decode tok/s ({n})", "decode vs llama.cpp", "TTFT ms"]
-    head += [f"batch {b} tok/s" for b in b_cols] + ["peak RSS MB"]
+    head += [f"batch {b} tok/s" for b in b_cols] + ["peak RSS MB, single stream", "vs llama.cpp",
+                                                    "peak RSS MB, with batches"]
     rows = []
     for engine, r in results.items():
         if "error" in r:
@@ -227,7 +230,8 @@ def render(info: dict, job: dict, args: argparse.Namespace, results: dict) -> st
             continue
         rows.append([r["label"], fmt(r["prefill_tps"]), ratio(results, engine, "prefill_tps"),
                      fmt(r["decode_tps"], 1), ratio(results, engine, "decode_tps"), fmt(r["ttft_ms"], 1)]
-                    + [fmt(r["batch_tps"].get(str(b)), 1) for b in b_cols] + [fmt(r["peak_rss_mb"])])
+                    + [fmt(r["batch_tps"].get(str(b)), 1) for b in b_cols]
+                    + [fmt(r["single_rss_mb"]), ratio(results, engine, "single_rss_mb"), fmt(r["peak_rss_mb"])])
     lines = ["# slmkit inference benchmark", "", f"command: `{info['command']}`", ""]
     lines += [f"- {k}: {v}" for k, v in info.items() if k != "command"]
     lines += [f"- workload: prefill {args.prompt_tokens} tokens; decode {n} new tokens (greedy) after a "
@@ -420,6 +424,7 @@ def measure(engine, job: dict) -> dict:
     prefill = timed_runs(lambda: stopwatch(engine.prefill, ids), repeats)
     ttft = timed_runs(lambda: stopwatch(engine.first_token, job["short_prompt"], n), repeats)
     decode_tps, decode_raw = measure_decode(engine, [job["short_prompt"]], job, "single stream")
+    single_rss_mb = peak_rss_mb()  # before any batch: what llama.cpp's figure covers
     batch_tps, batch_raw = {}, {}
     for b, prompts in job["batch_prompts"].items():
         if engine.batched:
@@ -431,8 +436,12 @@ def measure(engine, job: dict) -> dict:
         "prefill_tps": len(ids) / statistics.median(prefill), "prefill_s": prefill,
         "ttft_ms": 1000 * statistics.median(ttft), "ttft_s": ttft,
         "decode_tps": decode_tps, "decode": decode_raw,
-        "batch_tps": batch_tps, "batch": batch_raw,
+        "batch_tps": batch_tps, "batch": batch_raw, "single_rss_mb": single_rss_mb,
     }
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def worker(engine_name: str, job_file: str, out_file: str) -> int:
@@ -442,7 +451,7 @@ def worker(engine_name: str, job_file: str, out_file: str) -> int:
     load_s = time.perf_counter() - start
     result = measure(engine, job)
     result.update(load_s=load_s, warnings=engine.warnings,
-                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+                  peak_rss_mb=peak_rss_mb(),
                   imported=sorted(m for m in ("torch", "slmkit", "transformers", "llama_cpp") if m in sys.modules))
     Path(out_file).write_text(json.dumps(result))
     return 0

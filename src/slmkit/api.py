@@ -223,8 +223,8 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", threads
                 raise SlmError(f"{path} is already a compact ({hf_json['quantization_config'].get('mode')}) "
                                f"checkpoint; load it without quant=")
             state = read_hf_state_dict(path, None)
-            model = read_compact(path, hf_json, state, torch_dtype)
             types = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
+            model = read_compact(path, hf_json, state, torch_dtype)  # takes the layers out of state
             return LM(model, Tokenizer.from_hf_dir(path), str(path), types)
         cfg = read_hf_config(path)
         weights = read_hf_state_dict(path, cfg.family)

@@ -52,8 +52,21 @@ def _int8_table(weights, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row int8 of a big table, a block of rows at a time when the source can stream rows."""
     if not hasattr(weights, "row_chunks"):
         return quantize_int8(weights[key])
-    parts = [quantize_int8(chunk) for chunk in weights.row_chunks(key, rows=1024)]
-    return torch.cat([q for q, _ in parts]), torch.cat([scale for _, scale in parts])
+    q_parts, scale_parts, total = [], [], 0
+    for chunk in weights.row_chunks(key, rows=1024):
+        q, scale = quantize_int8(chunk)
+        q_parts.append(q)
+        scale_parts.append(scale)
+        total += len(q)
+    # one table, filled part by part and each part freed as it is copied: never the whole table twice
+    table = torch.empty((total, q_parts[0].shape[1]), dtype=torch.int8)
+    row = 0
+    while q_parts:
+        part = q_parts.pop(0)
+        table[row:row + len(part)] = part
+        row += len(part)
+        del part
+    return table, torch.cat(scale_parts)
 
 
 def can_interleave_rope(cfg: ModelConfig) -> bool:
@@ -124,7 +137,8 @@ def is_compact(hf_config: dict) -> bool:
 
 def build_compact(cfg: ModelConfig, state: dict[str, torch.Tensor], mode: str, dtype: torch.dtype,
                   source: str, rope_interleaved: bool | None = None) -> Decoder:
-    """The compact model for ``state`` (from :func:`compact_state`, which interleaves q/k rows when it can)."""
+    """The compact model for ``state`` (from :func:`compact_state`, which interleaves q/k rows when it can).
+    The layers' entries are taken out of ``state`` as they are built."""
     if rope_interleaved is None:
         rope_interleaved = can_interleave_rope(cfg)
     with skeleton():
@@ -133,12 +147,14 @@ def build_compact(cfg: ModelConfig, state: dict[str, torch.Tensor], mode: str, d
         for name, module in list(model.named_modules()):
             if not isinstance(module, nn.Linear) or name == "lm_head":
                 continue
-            bias = state.get(f"{name}.bias")
+            # popped: a layer's stored form is freed once its module holds the working form (int4 repacks)
+            bias = state.pop(f"{name}.bias", None)
             if mode == "int8":
-                new = Int8Linear(state[f"{name}.weight_int8"], state[f"{name}.scale"].float(), bias)
+                new = Int8Linear(state.pop(f"{name}.weight_int8"), state.pop(f"{name}.scale").float(), bias)
             else:
-                codes = _unpack_nibbles(state[f"{name}.codes"])
-                new = Int4Linear(codes, state[f"{name}.scale"], state[f"{name}.minimum"], bias)
+                codes = _unpack_nibbles(state.pop(f"{name}.codes"))
+                new = Int4Linear(codes, state.pop(f"{name}.scale"), state.pop(f"{name}.minimum"), bias)
+                del codes
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, new)
         table = Int8Linear(state["embed.weight_int8"], state["embed.scale"].float(), None)
