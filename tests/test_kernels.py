@@ -99,7 +99,7 @@ def test_attend_one_matches_sdpa_over_a_cache_view(masked):
     torch.testing.assert_close(got, want.reshape(b, h * d), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 576, 576), (5, 35, 64), (32, 130, 1536)])
+@pytest.mark.parametrize("m,n,k", [(1, 576, 576), (5, 35, 64), (7, 33, 96), (32, 130, 1536)])
 def test_int4_kernel_matches_its_arithmetic(m, n, k):
     from slmkit.nn.quant import Int4Linear, quantize_int4
 
@@ -119,3 +119,20 @@ def test_int4_kernel_matches_its_arithmetic(m, n, k):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     dense = x.double() @ (codes.double().reshape(n, k // 32, 32) * s16[..., None] + m16[..., None]).reshape(n, k).T
     assert (got - dense).norm() / dense.norm() < 0.01
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_refinement_recomputes_the_top_entries_exactly(bias):
+    torch.manual_seed(11)
+    w, x = torch.randn(3000, 96), torch.randn(3, 96)
+    q, scale = quantize_int8(w)
+    head = Int8Linear(q, scale, torch.randn(3000) if bias else None)
+    approximate = head(x)
+    got = head.forward_refined(x, candidates=16)  # the kernel's refine_top
+    exact = x.double() @ (q.double() * scale.double()[:, None]).T + (head.bias.double() if bias else 0)
+    top = approximate.topk(16, dim=-1).indices
+    changed = got != approximate
+    assert changed.sum(-1).tolist() == [16, 16, 16]  # exactly the 16 best of each row were recomputed
+    assert torch.equal(changed.nonzero()[:, 1].reshape(3, 16).sort(-1).values, top.sort(-1).values)
+    torch.testing.assert_close(got.gather(1, top).double(), exact.gather(1, top), atol=1e-4, rtol=1e-5)
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))

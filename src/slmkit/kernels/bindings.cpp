@@ -2,6 +2,8 @@
 #include <torch/extension.h>
 
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale);  // int8_linear.cpp
+void refine_top(torch::Tensor logits, torch::Tensor x, torch::Tensor weight, torch::Tensor scale,
+                c10::optional<torch::Tensor> bias, int64_t count);                     // int8_linear.cpp
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale,
                           torch::Tensor minimum);                                       // int4_linear.cpp
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);              // fused_ops.cpp
@@ -14,6 +16,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("int8_linear", &int8_linear, "x[M,K] float32 @ (int8 weight[N,K] * scale[N]).T -> float32 [M,N]");
   mod.def("int4_linear", &int4_linear,
           "x[M,K] float32 @ 4-bit weight (codes [N,K/2], float16 scale/minimum [N,K/32]).T -> float32 [M,N]");
+  mod.def("refine_top", &refine_top, "the output head's top entries per row recomputed exactly (in place)",
+          py::arg("logits"), py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bias"), py::arg("count"));
   mod.def("rms_norm", &rms_norm, "RMSNorm over the last dim, float32");
   mod.def("attend_one", &attend_one, "one query per row over cached keys/values (GQA), float32 -> [B, H*D]",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("valid"), py::arg("scale"));

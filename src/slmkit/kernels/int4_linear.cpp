@@ -33,6 +33,46 @@ inline __m256i codes32(const uint8_t* p, __m128i low_mask) {
 
 inline float half(const uint16_t* p) { return _cvtsh_ss(*p); }
 
+// Two weight rows (codes, scales, minimums); the second repeats the first when the row count is odd.
+struct RowPair {
+  const uint8_t *c0, *c1;
+  const uint16_t *s0, *s1, *m0, *m1;
+};
+
+// G activation rows (from row i) times a pair of weight rows: each weight block is unpacked once and
+// meets the G activation blocks while in registers (batched decoding reads and unpacks weights once).
+template <int G>
+inline void rows_times_pair(const RowPair& w, const int8_t* qp, const float* sp, const float* sump, int64_t i,
+                            int64_t k, int64_t nb, float* yp, int64_t n, int64_t r, bool pair) {
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 a0[G], a1[G];
+  float mins0[G], mins1[G];
+  for (int j = 0; j < G; ++j) {
+    a0[j] = a1[j] = _mm256_setzero_ps();
+    mins0[j] = mins1[j] = 0.0f;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i w0 = codes32(w.c0 + b * 16, low_mask), w1 = codes32(w.c1 + b * 16, low_mask);
+    const float sc0 = half(w.s0 + b), sc1 = half(w.s1 + b), mn0 = half(w.m0 + b), mn1 = half(w.m1 + b);
+    for (int j = 0; j < G; ++j) {
+      const int64_t row = i + j;
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp + row * k + b * kBlock));
+      const float xs = sp[row * nb + b], xsum = sump[row * nb + b];
+      const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, xv), ones);
+      const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, xv), ones);
+      a0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(sc0 * xs), a0[j]);
+      a1[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(sc1 * xs), a1[j]);
+      mins0[j] += mn0 * xsum;
+      mins1[j] += mn1 * xsum;
+    }
+  }
+  for (int j = 0; j < G; ++j) {
+    yp[(i + j) * n + r] = hsum(a0[j]) + mins0[j];
+    if (pair) yp[(i + j) * n + r + 1] = hsum(a1[j]) + mins1[j];
+  }
+}
+
 }  // namespace
 
 namespace slmkit {
@@ -61,34 +101,13 @@ void int4_matmul(const float* xp, int64_t m, int64_t k, const uint8_t* cp, const
 
   const int64_t row_bytes = k / 2;
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-    const __m128i low_mask = _mm_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t r = r0; r < r1; r += 2) {
       const bool pair = r + 1 < r1;
-      const uint8_t* c0 = cp + r * row_bytes;
-      const uint8_t* c1 = pair ? c0 + row_bytes : c0;
-      const uint16_t* s0 = scp + r * nb;
-      const uint16_t* s1 = pair ? s0 + nb : s0;
-      const uint16_t* m0 = mnp + r * nb;
-      const uint16_t* m1 = pair ? m0 + nb : m0;
-      for (int64_t i = 0; i < m; ++i) {
-        const int8_t* xq = qp + i * k;
-        const float* xs = sp + i * nb;
-        const float* xsum = sump + i * nb;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-        float mins0 = 0.0f, mins1 = 0.0f;
-        for (int64_t b = 0; b < nb; ++b) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
-          const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(codes32(c0 + b * 16, low_mask), xv), ones);
-          const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(codes32(c1 + b * 16, low_mask), xv), ones);
-          a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(half(s0 + b) * xs[b]), a0);
-          a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(half(s1 + b) * xs[b]), a1);
-          mins0 += half(m0 + b) * xsum[b];
-          mins1 += half(m1 + b) * xsum[b];
-        }
-        yp[i * n + r] = hsum(a0) + mins0;
-        if (pair) yp[i * n + r + 1] = hsum(a1) + mins1;
-      }
+      const RowPair w{cp + r * row_bytes, pair ? cp + (r + 1) * row_bytes : cp + r * row_bytes, scp + r * nb,
+                      pair ? scp + (r + 1) * nb : scp + r * nb, mnp + r * nb, pair ? mnp + (r + 1) * nb : mnp + r * nb};
+      int64_t i = 0;
+      for (; i + 4 <= m; i += 4) rows_times_pair<4>(w, qp, sp, sump, i, k, nb, yp, n, r, pair);
+      for (; i < m; ++i) rows_times_pair<1>(w, qp, sp, sump, i, k, nb, yp, n, r, pair);
     }
   });
 }

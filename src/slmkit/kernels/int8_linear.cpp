@@ -13,7 +13,10 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -104,4 +107,57 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor s
   slmkit::int8_matmul(x.data_ptr<float>(), m, k, weight.data_ptr<int8_t>(), scale.data_ptr<float>(), n,
                       y.data_ptr<float>());
   return y;
+}
+
+// The output head's exact top: in each row of logits [R, V] (float32, changed in place) the `count` largest
+// entries are recomputed in fp32 from x [R, K] and the int8 rows they came from, sum_k x[k] * (q[v, k] *
+// scale[v]) (+ bias[v]). The kernel above rounds the activation to int8 blocks, so near-ties could swap; the
+// true maximum lies among the approximate top few. One call instead of topk, gather, einsum and scatter.
+void refine_top(torch::Tensor logits, torch::Tensor x, torch::Tensor weight, torch::Tensor scale,
+                c10::optional<torch::Tensor> bias, int64_t count) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat && logits.is_contiguous(),
+              "logits: contiguous float32 [R, V]");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.size(0) == logits.size(0),
+              "x: contiguous float32 [R, K]");
+  TORCH_CHECK(weight.scalar_type() == torch::kChar && weight.is_contiguous() && weight.size(0) == logits.size(1) &&
+              weight.size(1) == x.size(1), "weight: int8 [V, K]");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.numel() == weight.size(0), "scale: float32 [V]");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == weight.size(0),
+                "bias: float32 [V]");
+    bp = bias->data_ptr<float>();
+  }
+  const int64_t rows = logits.size(0), v = logits.size(1), k = x.size(1);
+  const int64_t top = std::min<int64_t>(count, v);
+  float* lp = logits.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = weight.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<std::pair<float, int64_t>> heap;  // min-heap of the best `top` so far
+    for (int64_t r = lo; r < hi; ++r) {
+      float* row = lp + r * v;
+      heap.clear();
+      for (int64_t j = 0; j < v; ++j) {
+        if (static_cast<int64_t>(heap.size()) < top) {
+          heap.emplace_back(row[j], j);
+          std::push_heap(heap.begin(), heap.end(), std::greater<>());
+        } else if (row[j] > heap.front().first) {
+          std::pop_heap(heap.begin(), heap.end(), std::greater<>());
+          heap.back() = {row[j], j};
+          std::push_heap(heap.begin(), heap.end(), std::greater<>());
+        }
+      }
+      const float* xr = xp + r * k;
+      for (const auto& entry : heap) {
+        const int64_t col = entry.second;
+        const int8_t* w = wp + col * k;
+        const float s = sp[col];
+        float total = 0.0f;
+        for (int64_t i = 0; i < k; ++i) total += xr[i] * (static_cast<float>(w[i]) * s);
+        row[col] = bp ? total + bp[col] : total;
+      }
+    }
+  });
 }

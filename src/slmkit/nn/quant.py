@@ -59,6 +59,10 @@ class Int8Linear(nn.Module):
         on near-ties; the true maximum lies among the approximate top few."""
         logits = self.forward(x)
         out = logits.reshape(-1, self.out_features)
+        if self.kernel is not None and x.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous():
+            kernels.load().refine_top(out, x.reshape(-1, self.in_features).float().contiguous(), self.weight_int8,
+                                      self.scale_f32, self.bias, candidates)  # the same, in one C++ call
+            return logits
         cols = out.topk(min(candidates, self.out_features), dim=-1).indices  # [R, C]
         weights = self.weight_int8[cols].float() * self.scale_f32[cols][..., None]  # [R, C, K]
         exact = torch.einsum("rck,rk->rc", weights, x.reshape(-1, self.in_features).float())
