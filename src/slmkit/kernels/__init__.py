@@ -24,7 +24,20 @@ import torch
 _SOURCES = [Path(__file__).with_name(name) for name in
             ("bindings.cpp", "int8_linear.cpp", "int4_linear.cpp", "fused_ops.cpp", "decode_layer.cpp")]
 _HEADERS = [Path(__file__).with_name(name) for name in ("common.h", "linear.h", "fused.h")]
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+def _vnni_flags() -> list[str]:
+    """The compiler flags for the CPU's VNNI dot-product instruction, if it has one (common.h: dot_u8s8)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    if "avx_vnni" in flags:  # the VEX form first: -mavx512* would let the compiler use 512-bit code elsewhere
+        return ["-mavxvnni"]
+    if {"avx512_vnni", "avx512vl"} <= flags:
+        return ["-mavx512f", "-mavx512vl", "-mavx512vnni"]
+    return []
+
+
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"] + _vnni_flags()  # part of the build folder's hash
 _NAME = "slmkit_cpu_kernels"
 
 

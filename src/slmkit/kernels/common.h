@@ -7,6 +7,19 @@ namespace slmkit {
 
 inline constexpr int64_t kBlock = 32;
 
+// Per int32 lane, the sum of four products u8(a) * s8(b): one VNNI instruction where the build targets it
+// (kernels/__init__.py adds the flags from /proc/cpuinfo), else maddubs + madd. The results are the same:
+// every caller keeps |products| small enough that maddubs never saturates.
+inline __m256i dot_u8s8(__m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
+
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
   lo = _mm_add_ps(lo, hi);

@@ -5,7 +5,8 @@
 // 0..15 and high nibbles codes 16..31; scale and minimum as float16 [N, K/32]. The activation is quantized
 // to int8 blocks of 32 (scale s_b), so a group's contribution is
 //     s_b * (scale * sum(code * qx) + minimum * sum(qx)),
-// the first sum one maddubs (unsigned codes x signed activations) and madd, the second shared by all rows.
+// the first sum one maddubs + madd (unsigned codes x signed activations; one VNNI dpbusd where the CPU has
+// it), the second shared by all rows.
 // As in int8_linear.cpp, every row of x is taken while a tile of weight rows is in cache.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -45,7 +46,6 @@ template <int G>
 inline void rows_times_pair(const RowPair& w, const int8_t* qp, const float* sp, const float* sump, int64_t i,
                             int64_t k, int64_t nb, float* yp, int64_t n, int64_t r, bool pair) {
   const __m128i low_mask = _mm_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 a0[G], a1[G];
   float mins0[G], mins1[G];
   for (int j = 0; j < G; ++j) {
@@ -59,8 +59,8 @@ inline void rows_times_pair(const RowPair& w, const int8_t* qp, const float* sp,
       const int64_t row = i + j;
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp + row * k + b * kBlock));
       const float xs = sp[row * nb + b], xsum = sump[row * nb + b];
-      const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, xv), ones);
-      const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, xv), ones);
+      const __m256i p0 = slmkit::dot_u8s8(w0, xv);
+      const __m256i p1 = slmkit::dot_u8s8(w1, xv);
       a0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(sc0 * xs), a0[j]);
       a1[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(sc1 * xs), a1[j]);
       mins0[j] += mn0 * xsum;

@@ -2,7 +2,7 @@
 //
 // The activation is quantized on the fly to int8 in blocks of 32 (one float scale per block, as
 // llama.cpp's Q8_0), so each weight block meets its activation block in one integer dot product:
-// |x| (unsigned) times sign(x) * w (signed) with maddubs, pairs summed to int32 with madd, then one
+// |x| (unsigned) times sign(x) * w (signed) with maddubs and madd (one VNNI dpbusd where the CPU has it), then one
 // float multiply-add by the block's activation scale. The row's weight scale is applied once at the end.
 // Weights are walked once per call: for every tile of output rows, every row of x is taken while the
 // tile is in cache, so M rows cost far less than M matrix-vector products. Rows are split over torch's
@@ -29,9 +29,9 @@ using slmkit::kBlock;
 using slmkit::quantize_row;
 
 // The 8 int32 partial sums of one activation block (32 int8) times one weight block: sign(x) moves onto w
-// so maddubs can take |x| as its unsigned operand.
-inline __m256i dot32(__m256i ax, __m256i xs, __m256i w, __m256i ones) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, xs)), ones);
+// so the unsigned operand can be |x|.
+inline __m256i dot32(__m256i ax, __m256i xs, __m256i w) {
+  return slmkit::dot_u8s8(ax, _mm256_sign_epi8(w, xs));
 }
 
 }  // namespace
@@ -50,7 +50,6 @@ void int8_matmul(const float* xp, int64_t m, int64_t k, const int8_t* wp, const 
   constexpr int64_t kRows = 4;  // output rows per tile, read together
   const int64_t tiles = (n + kRows - 1) / kRows;
   at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
-    const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * kRows;
       if (r0 + kRows <= n) {
@@ -64,10 +63,10 @@ void int8_matmul(const float* xp, int64_t m, int64_t k, const int8_t* wp, const 
             const __m256i ax = _mm256_sign_epi8(xv, xv);
             const __m256 s = _mm256_set1_ps(xs[b]);
             const int8_t* wb = w0 + b * kBlock;
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ax, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb)), ones)), s, a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ax, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + k)), ones)), s, a1);
-            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ax, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 2 * k)), ones)), s, a2);
-            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ax, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 3 * k)), ones)), s, a3);
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ax, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb)))), s, a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ax, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + k)))), s, a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ax, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 2 * k)))), s, a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(ax, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 3 * k)))), s, a3);
           }
           float* yr = yp + i * n + r0;
           yr[0] = hsum(a0) * wsp[r0];
@@ -84,7 +83,7 @@ void int8_matmul(const float* xp, int64_t m, int64_t k, const int8_t* wp, const 
             for (int64_t b = 0; b < nb; ++b) {
               const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
               const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + r * k + b * kBlock));
-              a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(_mm256_sign_epi8(xv, xv), xv, wv, ones)),
+              a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(_mm256_sign_epi8(xv, xv), xv, wv)),
                                   _mm256_set1_ps(xs[b]), a);
             }
             yp[i * n + r] = hsum(a) * wsp[r];
