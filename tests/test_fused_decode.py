@@ -91,6 +91,22 @@ def test_fused_steps_respect_left_padding():
     assert_close_steps([g[1:] for g in got], alone)
 
 
+def test_decode_layer_names_bad_inputs():
+    model = tiny_compact("int8")
+    layer = model._fused_decode_layers()[0]
+    cache = KVCache(model.cfg, 2, 8, torch.float32)
+    keys, values, slots, span = cache.decode_slots(3, 2)
+    good = dict(x=torch.zeros(2, 64), positions=torch.tensor([3, 3]), keys=keys[0], values=values[0], slots=slots,
+                span=span, valid=None)
+    layer.forward(**good)
+    with pytest.raises(RuntimeError, match=r"x: contiguous float32 \[B, D\]"):
+        layer.forward(**{**good, "x": torch.zeros(2, 63)})
+    with pytest.raises(RuntimeError, match="slot lies outside the attended span"):
+        layer.forward(**{**good, "slots": torch.tensor([3, 9])})
+    with pytest.raises(RuntimeError, match=r"valid: bool \[B, span\]"):
+        layer.forward(**{**good, "valid": torch.ones(2, span + 1, dtype=torch.bool)})
+
+
 def test_batcher_rows_of_different_lengths_match_decoding_alone():
     model = tiny_compact("int8")
     gen = torch.Generator().manual_seed(4)

@@ -24,6 +24,8 @@ import torch
 _SOURCES = [Path(__file__).with_name(name) for name in
             ("bindings.cpp", "int8_linear.cpp", "int4_linear.cpp", "fused_ops.cpp", "decode_layer.cpp")]
 _HEADERS = [Path(__file__).with_name(name) for name in ("common.h", "linear.h", "fused.h")]
+
+
 def _vnni_flags() -> list[str]:
     """The compiler flags for the CPU's VNNI dot-product instruction, if it has one (common.h: dot_u8s8)."""
     try:

@@ -94,6 +94,8 @@ class DecodeLayer {
   // attention covers slots 0 .. span-1, minus those `valid` [B, span] marks false. Returns the new x.
   torch::Tensor forward(torch::Tensor x, torch::Tensor positions, torch::Tensor keys, torch::Tensor values,
                         torch::Tensor slots, int64_t span, c10::optional<torch::Tensor> valid) {
+    TORCH_CHECK(x.is_cpu() && keys.is_cpu() && values.is_cpu() && positions.is_cpu() && slots.is_cpu(),
+                "DecodeLayer runs on the CPU: x, positions, keys, values and slots must be CPU tensors");
     TORCH_CHECK(x.dim() == 2 && x.size(1) == dim_ && x.scalar_type() == torch::kFloat && x.is_contiguous(),
                 "x: contiguous float32 [B, D]");
     const int64_t b = x.size(0);

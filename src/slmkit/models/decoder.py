@@ -128,9 +128,16 @@ class Decoder(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + t, device=device).expand(b, t)
         x = self.embed(input_ids).to(self.dtype)
-        fused = self._fused_decode_layers() if t == 1 and cache is not None and self.quant != "none" else None
         if self.cfg.embed_scale:
             x = x * torch.tensor(math.sqrt(self.cfg.hidden_size)).to(x.dtype)
+        if attn_mask is not None:
+            masks = custom_masks(self.cfg, attn_mask, positions)
+        else:
+            masks = attention_masks(self.cfg, t, start, key_valid, device)
+        if t == 1 and self.quant != "none" and x.device.type == "cpu" and hasattr(cache, "decode_slots"):
+            fused = self._fused_decode_layers()  # RoPE happens inside: no tables needed
+            if fused is not None:
+                return self.norm(fused_decode.decode(fused, x, positions, cache, start, masks[False]))
         if self.layers[0].attn.rope_interleaved:  # compact checkpoint: complex rotations, one table
             cos, sin = rope_cis(positions, self.inv_freq), None
         else:
@@ -138,12 +145,6 @@ class Decoder(nn.Module):
         local = (cos, sin)
         if self.cfg.rope_local_theta != self.cfg.rope_theta or self.cfg.rope_scaling_factor != 1.0:
             local = rope_cos_sin(positions, self.inv_freq_local, x.dtype)
-        if attn_mask is not None:
-            masks = custom_masks(self.cfg, attn_mask, positions)
-        else:
-            masks = attention_masks(self.cfg, t, start, key_valid, device)
-        if fused is not None and x.device.type == "cpu" and hasattr(cache, "decode_slots"):
-            return self.norm(fused_decode.decode(fused, x, positions, cache, start, masks[False]))
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             c, s = local if layer.sliding else (cos, sin)

@@ -29,8 +29,8 @@ def _linear_parts(linear) -> list[torch.Tensor] | None:
 
 def _supported(model) -> bool:
     cfg = model.cfg
-    return (model.quant in ("int8", "int4") and model.dtype == torch.float32 and cfg.norm == "rmsnorm"
-            and not cfg.norm_unit_offset and not cfg.parallel_residual and not cfg.sandwich_norm
+    return (model.quant in ("int8", "int4") and model.device.type == "cpu" and model.dtype == torch.float32
+            and cfg.norm == "rmsnorm" and not cfg.norm_unit_offset and not cfg.parallel_residual and not cfg.sandwich_norm
             and cfg.mlp == "gated" and cfg.activation == "silu" and not cfg.qk_norm and cfg.sliding_window == 0
             and all(layer.attn.rope_interleaved for layer in model.layers))
 

@@ -138,7 +138,8 @@ def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
     """One Linear whose output is the concatenation of ``linears``' outputs (q|k|v or gate|up)."""
     has_bias = linears[0].bias is not None
     if linears[0].weight.is_meta:  # a skeleton (models.build.skeleton): only the shape matters
-        return nn.Linear(linears[0].in_features, sum(l.out_features for l in linears), bias=has_bias)
+        return nn.Linear(linears[0].in_features, sum(l.out_features for l in linears), bias=has_bias,
+                         device="meta")
     weight = torch.cat([l.weight.detach() for l in linears], dim=0)
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
     fused.weight = nn.Parameter(weight, requires_grad=False)
