@@ -13,6 +13,18 @@ kernel = None if ops is None else ops.int8_linear
 pytestmark = pytest.mark.skipif(ops is None, reason="the int8 kernel needs an x86 CPU with AVX2 and a C++ compiler")
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def matmul_path(request):
+    """Each matmul test runs on the 256-bit code and, where the CPU has it, on the AVX-512 variant."""
+    wide = request.param == "avx512"
+    if wide and not ops.cpu_has_avx512():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    before = ops.set_avx512(wide)
+    assert ops.use_avx512() == wide
+    yield request.param
+    ops.set_avx512(before)
+
+
 def block_quantized_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x quantized to int8 per block of 32 (scale max|x|/127, round half to even), integer dot products
     with the int8 weights, block scales and row scales applied: what the kernel computes, in float64."""
@@ -25,7 +37,7 @@ def block_quantized_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Ten
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 576, 576), (1, 49, 64), (3, 1538, 576), (7, 960, 1536), (33, 203, 96)])
-def test_int8_kernel_matches_its_arithmetic(m, n, k):
+def test_int8_kernel_matches_its_arithmetic(m, n, k, matmul_path):
     torch.manual_seed(m * n + k)
     w, x = torch.randn(n, k), torch.randn(m, k) * 3
     x[0, :40] = 0  # an all-zero block (scale 0) and part of the next
@@ -99,8 +111,9 @@ def test_attend_one_matches_sdpa_over_a_cache_view(masked):
     torch.testing.assert_close(got, want.reshape(b, h * d), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 576, 576), (5, 35, 64), (7, 33, 96), (32, 130, 1536)])
-def test_int4_kernel_matches_its_arithmetic(m, n, k):
+# K = 96 and 1120: an odd number of blocks (the AVX-512 variant takes two at a time), 1120 also past 16 of them
+@pytest.mark.parametrize("m,n,k", [(1, 576, 576), (5, 35, 64), (7, 33, 96), (4, 34, 1120), (32, 130, 1536)])
+def test_int4_kernel_matches_its_arithmetic(m, n, k, matmul_path):
     from slmkit.nn.quant import Int4Linear, quantize_int4
 
     torch.manual_seed(m + n + k)

@@ -10,6 +10,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);      
 torch::Tensor silu_mul(torch::Tensor gate_up);                                          // fused_ops.cpp
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> valid,
                          double scale);                                                 // fused_ops.cpp
+#include "avx512.h"
 void bind_decode_layer(py::module_& mod);                                               // decode_layer.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
@@ -22,5 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("attend_one", &attend_one, "one query per row over cached keys/values (GQA), float32 -> [B, H*D]",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("valid"), py::arg("scale"));
   mod.def("silu_mul", &silu_mul, "silu(gate) * up from gate|up [..., 2h] -> [..., h], float32");
+  mod.def("cpu_has_avx512", &slmkit::cpu_has_avx512, "whether the CPU has the AVX-512 variants' instructions");
+  mod.def("use_avx512", &slmkit::use_avx512, "whether the matmuls take their AVX-512 variants now");
+  mod.def("set_avx512", &slmkit::set_avx512, "switch the AVX-512 variants on or off; returns the previous setting",
+          py::arg("enabled"));
   bind_decode_layer(mod);
 }

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "avx512.h"
 #include "common.h"
 #include "linear.h"
 
@@ -73,6 +74,78 @@ inline void rows_times_pair(const RowPair& w, const int8_t* qp, const float* sp,
   }
 }
 
+// ---- AVX-512 (avx512.h): a 512-bit register holds two blocks of a weight row, [block b | block b+1].
+
+// Codes of blocks b and b+1 of one row (32 bytes) in the activation's order: lanes of 16 codes
+// (low nibbles of b, high nibbles of b, low of b+1, high of b+1).
+SLMKIT_AVX512 inline __m512i codes64(const uint8_t* p) {
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(bytes, mask), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // lo_b lo_b+1 hi_b hi_b+1
+  return _mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0));
+}
+
+// sum over blocks of minimum_b * (s_b * sum(qx_b)): the minimums' share of one output.
+SLMKIT_AVX512 inline float minimum_term(const uint16_t* minimum, const float* sum_x, int64_t nb) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 16 <= nb; b += 16)
+    acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(minimum + b))),
+                          _mm512_loadu_ps(sum_x + b), acc);
+  if (b < nb) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (nb - b)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, minimum + b)),
+                          _mm512_maskz_loadu_ps(mask, sum_x + b), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// The last block of a row with an odd number of blocks, the 256-bit way.
+SLMKIT_AVX512 inline float last_block(const uint8_t* codes, const uint16_t* scale, const int8_t* xq, float xs) {
+  const __m256i w = codes32(codes, _mm_set1_epi8(0x0F));
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+  return _mm512_reduce_add_ps(_mm512_castps256_ps512(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(
+             _mm256_setzero_si256(), w, xv)))) * (half(scale) * xs);
+}
+
+// rows_times_pair with two blocks per instruction; xsv holds the activation scales spread to pairs
+// (spread_pair_scales).
+template <int G>
+SLMKIT_AVX512 void rows_times_pair_512(const RowPair& w, const int8_t* qp, const float* sp, const float* xsv,
+                                       const float* sump, int64_t i, int64_t k, int64_t nb, float* yp, int64_t n,
+                                       int64_t r, bool pair) {
+  const int64_t pairs = nb / 2;
+  const __m512i zero = _mm512_setzero_si512();
+  __m512 a0[G], a1[G];
+  for (int j = 0; j < G; ++j) a0[j] = a1[j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512i w0 = codes64(w.c0 + p * 32), w1 = codes64(w.c1 + p * 32);
+    const __m512 d0 = slmkit::pair_of_halves(w.s0 + 2 * p), d1 = slmkit::pair_of_halves(w.s1 + 2 * p);
+    for (int j = 0; j < G; ++j) {
+      const int64_t row = i + j;
+      const __m512i xv = _mm512_loadu_si512(qp + row * k + p * 64);
+      const __m512 xs = _mm512_loadu_ps(xsv + (row * pairs + p) * 16);
+      a0[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, w0, xv)), _mm512_mul_ps(d0, xs), a0[j]);
+      a1[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, w1, xv)), _mm512_mul_ps(d1, xs), a1[j]);
+    }
+  }
+  for (int j = 0; j < G; ++j) {
+    const int64_t row = i + j;
+    const float* sums = sump + row * nb;
+    float y0 = _mm512_reduce_add_ps(a0[j]) + minimum_term(w.m0, sums, nb);
+    float y1 = pair ? _mm512_reduce_add_ps(a1[j]) + minimum_term(w.m1, sums, nb) : 0.0f;
+    if (nb % 2) {
+      const int64_t b = nb - 1;
+      const int8_t* xq = qp + row * k + b * kBlock;
+      y0 += last_block(w.c0 + b * 16, w.s0 + b, xq, sp[row * nb + b]);
+      if (pair) y1 += last_block(w.c1 + b * 16, w.s1 + b, xq, sp[row * nb + b]);
+    }
+    yp[row * n + r] = y0;
+    if (pair) yp[row * n + r + 1] = y1;
+  }
+}
+
 }  // namespace
 
 namespace slmkit {
@@ -99,6 +172,11 @@ void int4_matmul(const float* xp, int64_t m, int64_t k, const uint8_t* cp, const
     }
   });
 
+  const bool wide = use_avx512();
+  std::vector<float> spread(wide ? m * (nb / 2) * 16 : 0);
+  if (wide) spread_pair_scales(sp, m, nb, spread.data());
+  const float* xsv = spread.data();
+
   const int64_t row_bytes = k / 2;
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r += 2) {
@@ -106,8 +184,13 @@ void int4_matmul(const float* xp, int64_t m, int64_t k, const uint8_t* cp, const
       const RowPair w{cp + r * row_bytes, pair ? cp + (r + 1) * row_bytes : cp + r * row_bytes, scp + r * nb,
                       pair ? scp + (r + 1) * nb : scp + r * nb, mnp + r * nb, pair ? mnp + (r + 1) * nb : mnp + r * nb};
       int64_t i = 0;
-      for (; i + 4 <= m; i += 4) rows_times_pair<4>(w, qp, sp, sump, i, k, nb, yp, n, r, pair);
-      for (; i < m; ++i) rows_times_pair<1>(w, qp, sp, sump, i, k, nb, yp, n, r, pair);
+      if (wide) {
+        for (; i + 4 <= m; i += 4) rows_times_pair_512<4>(w, qp, sp, xsv, sump, i, k, nb, yp, n, r, pair);
+        for (; i < m; ++i) rows_times_pair_512<1>(w, qp, sp, xsv, sump, i, k, nb, yp, n, r, pair);
+      } else {
+        for (; i + 4 <= m; i += 4) rows_times_pair<4>(w, qp, sp, sump, i, k, nb, yp, n, r, pair);
+        for (; i < m; ++i) rows_times_pair<1>(w, qp, sp, sump, i, k, nb, yp, n, r, pair);
+      }
     }
   });
 }

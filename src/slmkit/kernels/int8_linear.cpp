@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "avx512.h"
 #include "common.h"
 #include "linear.h"
 
@@ -34,6 +35,41 @@ inline __m256i dot32(__m256i ax, __m256i xs, __m256i w) {
   return slmkit::dot_u8s8(ax, _mm256_sign_epi8(w, xs));
 }
 
+// Four weight rows (from w0, k apart) times activation rows i0..i1 with two blocks per instruction (avx512.h);
+// xsv holds the activation scales spread to pairs. The sign of x moves onto w by a masked negation (AVX-512
+// has no sign_epi8); weights are in -127..127, so negating never overflows.
+SLMKIT_AVX512 void tile4_512(const int8_t* w0, const float* wsp, const int8_t* qp, const float* sp, const float* xsv,
+                             int64_t i0, int64_t i1, int64_t k, int64_t nb, float* yp, int64_t n, int64_t r0) {
+  const int64_t pairs = nb / 2;
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t i = i0; i < i1; ++i) {
+    const int8_t* xq = qp + i * k;
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t p = 0; p < pairs; ++p) {
+      const __m512i xv = _mm512_loadu_si512(xq + p * 64);
+      const __m512i ax = _mm512_abs_epi8(xv);
+      const __mmask64 negative = _mm512_movepi8_mask(xv);
+      const __m512 s = _mm512_loadu_ps(xsv + (i * pairs + p) * 16);
+      for (int j = 0; j < 4; ++j) {
+        const __m512i wv = _mm512_loadu_si512(w0 + j * k + p * 64);
+        const __m512i signed_w = _mm512_mask_sub_epi8(wv, negative, zero, wv);
+        a[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, ax, signed_w)), s, a[j]);
+      }
+    }
+    float* yr = yp + i * n + r0;
+    for (int j = 0; j < 4; ++j) {
+      float total = _mm512_reduce_add_ps(a[j]);
+      if (nb % 2) {  // the last of an odd number of blocks, the 256-bit way
+        const int64_t b = nb - 1;
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + j * k + b * kBlock));
+        total += hsum(_mm256_cvtepi32_ps(dot32(_mm256_sign_epi8(xv, xv), xv, wv))) * sp[i * nb + b];
+      }
+      yr[j] = total * wsp[r0 + j];
+    }
+  }
+}
+
 }  // namespace
 
 namespace slmkit {
@@ -47,12 +83,18 @@ void int8_matmul(const float* xp, int64_t m, int64_t k, const int8_t* wp, const 
   at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) quantize_row(xp + r * k, k, qp + r * k, sp + r * nb);
   });
+  const bool wide = use_avx512();
+  std::vector<float> spread(wide ? m * (nb / 2) * 16 : 0);
+  if (wide) spread_pair_scales(sp, m, nb, spread.data());
+  const float* xsv = spread.data();
   constexpr int64_t kRows = 4;  // output rows per tile, read together
   const int64_t tiles = (n + kRows - 1) / kRows;
   at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * kRows;
-      if (r0 + kRows <= n) {
+      if (wide && r0 + kRows <= n) {
+        tile4_512(wp + r0 * k, wsp, qp, sp, xsv, 0, m, k, nb, yp, n, r0);
+      } else if (r0 + kRows <= n) {
         const int8_t* w0 = wp + r0 * k;
         for (int64_t i = 0; i < m; ++i) {
           const int8_t* xq = qp + i * k;
