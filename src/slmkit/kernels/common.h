@@ -2,10 +2,23 @@
 #pragma once
 #include <immintrin.h>
 #include <cstdint>
+#include <vector>
 
 namespace slmkit {
 
 inline constexpr int64_t kBlock = 32;
+
+// The temporaries of the matmuls and the fused layer, each a per-thread buffer reused across calls (grown,
+// never shrunk): a decode step would otherwise allocate, zero and free the same ones hundreds of times per
+// token (page faults and memset showed in the profile). Buffers live at the same time need distinct names.
+enum class Scratch { kQuantX, kScaleX, kSumX, kSpread, kHidden, kQkv, kQuery, kAttention, kGateUp, kActivation };
+
+template <typename T, Scratch name>
+T* scratch(int64_t count) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
+  return buffer.data();
+}
 
 // Per int32 lane, the sum of four products u8(a) * s8(b): one VNNI instruction where the build targets it
 // (kernels/__init__.py adds the flags from /proc/cpuinfo), else maddubs + madd. The results are the same:

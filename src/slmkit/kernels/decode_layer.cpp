@@ -17,6 +17,7 @@
 #include <cmath>
 #include <vector>
 
+#include "common.h"
 #include "fused.h"
 #include "linear.h"
 
@@ -120,29 +121,35 @@ class DecodeLayer {
 
     const int64_t q_width = heads_ * head_dim_, kv_width = kv_heads_ * head_dim_;
     const int64_t qkv_width = q_width + 2 * kv_width;
-    std::vector<float> h(b * dim_), qkv(b * qkv_width), attn(b * q_width), gu(b * 2 * hidden_), act(b * hidden_);
+    using slmkit::Scratch;
+    using slmkit::scratch;
+    float* h = scratch<float, Scratch::kHidden>(b * dim_);
+    float* qkv = scratch<float, Scratch::kQkv>(b * qkv_width);
+    float* q = scratch<float, Scratch::kQuery>(b * q_width);
+    float* attn = scratch<float, Scratch::kAttention>(b * q_width);
+    float* gu = scratch<float, Scratch::kGateUp>(b * 2 * hidden_);
+    float* act = scratch<float, Scratch::kActivation>(b * hidden_);
     auto out = torch::empty_like(x);
     float* y = out.data_ptr<float>();
     const float* xp = x.data_ptr<float>();
 
-    slmkit::rms_norm_rows(xp, b, dim_, attn_norm_.data_ptr<float>(), eps_, h.data());
-    qkv_.apply(h.data(), b, qkv.data());
-    rope(qkv.data(), b, qkv_width, pos);
-    store(qkv.data(), b, qkv_width, q_width, keys, values, slot);
+    slmkit::rms_norm_rows(xp, b, dim_, attn_norm_.data_ptr<float>(), eps_, h);
+    qkv_.apply(h, b, qkv);
+    rope(qkv, b, qkv_width, pos);
+    store(qkv, b, qkv_width, q_width, keys, values, slot);
 
     const slmkit::CacheView kview{keys.data_ptr<float>(), keys.stride(0), keys.stride(1), keys.stride(2)};
     const slmkit::CacheView vview{values.data_ptr<float>(), values.stride(0), values.stride(1), values.stride(2)};
-    std::vector<float> q(b * q_width);
-    for (int64_t r = 0; r < b; ++r) std::copy_n(qkv.data() + r * qkv_width, q_width, q.data() + r * q_width);
-    slmkit::attend_rows(q.data(), b, heads_, head_dim_, kview, vview, kv_heads_, span, vp, scale_, attn.data());
+    for (int64_t r = 0; r < b; ++r) std::copy_n(qkv + r * qkv_width, q_width, q + r * q_width);
+    slmkit::attend_rows(q, b, heads_, head_dim_, kview, vview, kv_heads_, span, vp, scale_, attn);
 
-    o_.apply(attn.data(), b, y);  // y = o(attn), then the residual
+    o_.apply(attn, b, y);  // y = o(attn), then the residual
     for (int64_t i = 0; i < b * dim_; ++i) y[i] += xp[i];
 
-    slmkit::rms_norm_rows(y, b, dim_, ffn_norm_.data_ptr<float>(), eps_, h.data());
-    gate_up_.apply(h.data(), b, gu.data());
-    slmkit::silu_mul_rows(gu.data(), b, hidden_, act.data());
-    down_.apply(act.data(), b, h.data());
+    slmkit::rms_norm_rows(y, b, dim_, ffn_norm_.data_ptr<float>(), eps_, h);
+    gate_up_.apply(h, b, gu);
+    slmkit::silu_mul_rows(gu, b, hidden_, act);
+    down_.apply(act, b, h);
     for (int64_t i = 0; i < b * dim_; ++i) y[i] += h[i];
     return out;
   }

@@ -35,6 +35,39 @@ inline void axpy(float p, const float* x, float* y, int64_t d) {
   for (; i < d; ++i) y[i] += p * x[i];
 }
 
+// e^x on 8 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial, times 2^n), within
+// 2 ulp of the C library's over the range SiLU meets; x is clamped to e^x's normal float range.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 e_r = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(e_r, _mm256_castsi256_ps(two_n));
+}
+
+// out = sum_s p[s] * v_s over `length` slots for D floats (D a multiple of 8), the output in registers.
+template <int D>
+inline void weighted_sum(const float* p, const float* vb, int64_t stride, int64_t length, float* out) {
+  __m256 acc[D / 8];
+  for (int j = 0; j < D / 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < length; ++s) {
+    if (p[s] == 0.0f) continue;
+    const __m256 w = _mm256_set1_ps(p[s]);
+    const float* v = vb + s * stride;
+    for (int j = 0; j < D / 8; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
+  }
+  for (int j = 0; j < D / 8; ++j) _mm256_storeu_ps(out + 8 * j, acc[j]);
+}
+
 }  // namespace
 
 namespace slmkit {
@@ -58,37 +91,66 @@ void silu_mul_rows(const float* gp, int64_t rows, int64_t h, float* yp) {
       const float* g = gp + r * 2 * h;
       const float* u = g + h;
       float* out = yp + r * h;
-      for (int64_t i = 0; i < h; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+      int64_t i = 0;
+      const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+      for (; i + 8 <= h; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_xor_ps(gv, sign))));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+      }
+      for (; i < h; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
     }
   });
 }
 
 void attend_rows(const float* qp, int64_t b, int64_t h, int64_t d, CacheView k, CacheView v, int64_t kv,
                  int64_t length, const bool* vp, float sc, float* op) {
+  // One task per (row, KV head): the group's query heads meet each cached key while it is loaded.
   const int64_t group = h / kv;
-  at::parallel_for(0, b * h, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> scores(length);
-    for (int64_t bh = lo; bh < hi; ++bh) {
-      const int64_t row = bh / h, head = bh % h, kvh = head / group;
-      const float* qv = qp + (row * h + head) * d;
+  at::parallel_for(0, b * kv, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> scores(group * length);  // [head in group, slot]
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t row = task / kv, kvh = task % kv;
+      const float* q0 = qp + (row * h + kvh * group) * d;
       const float* kb = k.base + row * k.stride_row + kvh * k.stride_head;
       const float* vb = v.base + row * v.stride_row + kvh * v.stride_head;
-      float top = -INFINITY;
+      const bool* valid = vp ? vp + row * length : nullptr;
       for (int64_t s = 0; s < length; ++s) {
-        if (vp && !vp[row * length + s]) { scores[s] = -INFINITY; continue; }
-        scores[s] = dot(qv, kb + s * k.stride_slot, d) * sc;
-        top = std::max(top, scores[s]);
+        const bool seen = !valid || valid[s];
+        for (int64_t g = 0; g < group; ++g)
+          scores[g * length + s] = seen ? dot(q0 + g * d, kb + s * k.stride_slot, d) * sc : -INFINITY;
       }
-      float total = 0.0f;
-      for (int64_t s = 0; s < length; ++s) {
-        scores[s] = scores[s] == -INFINITY ? 0.0f : std::exp(scores[s] - top);
-        total += scores[s];
-      }
-      float* o = op + row * h * d + head * d;
-      std::fill(o, o + d, 0.0f);
-      const float inv_total = 1.0f / total;
-      for (int64_t s = 0; s < length; ++s) {
-        if (scores[s] != 0.0f) axpy(scores[s] * inv_total, vb + s * v.stride_slot, o, d);
+      for (int64_t g = 0; g < group; ++g) {
+        float* p = scores.data() + g * length;
+        float top = -INFINITY;
+        for (int64_t s = 0; s < length; ++s) top = std::max(top, p[s]);
+        // softmax: e^(score - top) (0 for unseen slots), 8 at a time
+        const __m256 top_v = _mm256_set1_ps(top), ninf = _mm256_set1_ps(-INFINITY);
+        __m256 sum_v = _mm256_setzero_ps();
+        int64_t s = 0;
+        for (; s + 8 <= length; s += 8) {
+          const __m256 x = _mm256_loadu_ps(p + s);
+          const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp8(_mm256_sub_ps(x, top_v)));
+          _mm256_storeu_ps(p + s, e);
+          sum_v = _mm256_add_ps(sum_v, e);
+        }
+        float total = slmkit::hsum(sum_v);
+        for (; s < length; ++s) {
+          p[s] = p[s] == -INFINITY ? 0.0f : std::exp(p[s] - top);
+          total += p[s];
+        }
+        const float inv_total = 1.0f / total;
+        for (s = 0; s < length; ++s) p[s] *= inv_total;
+        float* o = op + row * h * d + (kvh * group + g) * d;
+        if (d == 64) {
+          weighted_sum<64>(p, vb, v.stride_slot, length, o);
+        } else if (d == 128) {
+          weighted_sum<128>(p, vb, v.stride_slot, length, o);
+        } else {
+          std::fill(o, o + d, 0.0f);
+          for (s = 0; s < length; ++s)
+            if (p[s] != 0.0f) axpy(p[s], vb + s * v.stride_slot, o, d);
+        }
       }
     }
   });

@@ -153,12 +153,9 @@ namespace slmkit {
 void int4_matmul(const float* xp, int64_t m, int64_t k, const uint8_t* cp, const uint16_t* scp, const uint16_t* mnp,
                  int64_t n, float* yp) {
   const int64_t nb = k / kBlock;
-  std::vector<int8_t> qx(m * k);
-  std::vector<float> sx(m * nb);
-  std::vector<float> sum_x(m * nb);  // s_b * sum(qx) per block: the minimum's factor
-  int8_t* qp = qx.data();
-  float* sp = sx.data();
-  float* sump = sum_x.data();
+  int8_t* qp = scratch<int8_t, Scratch::kQuantX>(m * k);
+  float* sp = scratch<float, Scratch::kScaleX>(m * nb);
+  float* sump = scratch<float, Scratch::kSumX>(m * nb);  // s_b * sum(qx) per block: the minimum's factor
   at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
     const __m256i ones8 = _mm256_set1_epi8(1);
     const __m256i ones16 = _mm256_set1_epi16(1);
@@ -173,9 +170,8 @@ void int4_matmul(const float* xp, int64_t m, int64_t k, const uint8_t* cp, const
   });
 
   const bool wide = use_avx512();
-  std::vector<float> spread(wide ? m * (nb / 2) * 16 : 0);
-  if (wide) spread_pair_scales(sp, m, nb, spread.data());
-  const float* xsv = spread.data();
+  float* xsv = wide ? scratch<float, Scratch::kSpread>(m * (nb / 2) * 16) : nullptr;
+  if (wide) spread_pair_scales(sp, m, nb, xsv);
 
   const int64_t row_bytes = k / 2;
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {

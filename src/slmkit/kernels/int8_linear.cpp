@@ -76,17 +76,14 @@ namespace slmkit {
 
 void int8_matmul(const float* xp, int64_t m, int64_t k, const int8_t* wp, const float* wsp, int64_t n, float* yp) {
   const int64_t nb = k / kBlock;
-  std::vector<int8_t> qx(m * k);
-  std::vector<float> sx(m * nb);
-  int8_t* qp = qx.data();
-  float* sp = sx.data();
+  int8_t* qp = scratch<int8_t, Scratch::kQuantX>(m * k);
+  float* sp = scratch<float, Scratch::kScaleX>(m * nb);
   at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) quantize_row(xp + r * k, k, qp + r * k, sp + r * nb);
   });
   const bool wide = use_avx512();
-  std::vector<float> spread(wide ? m * (nb / 2) * 16 : 0);
-  if (wide) spread_pair_scales(sp, m, nb, spread.data());
-  const float* xsv = spread.data();
+  float* xsv = wide ? scratch<float, Scratch::kSpread>(m * (nb / 2) * 16) : nullptr;
+  if (wide) spread_pair_scales(sp, m, nb, xsv);
   constexpr int64_t kRows = 4;  // output rows per tile, read together
   const int64_t tiles = (n + kRows - 1) / kRows;
   at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
