@@ -70,9 +70,10 @@ def test_slm_quantize_round_trip(mode, smollm2_gguf, text_ids, tmp_path):
     direct = slmkit.load(smollm2_gguf, quant=mode)
     ids = text_ids[:64]
     assert torch.equal(reloaded.logits(ids), direct.logits(ids))
-    if mode == "int8":  # the 4-bit model answers otherwise, as llama.cpp does on its Q4_1 file (below)
-        answer = reloaded.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=16)
-        assert "Paris" in answer
+    # No greedy-text check here: on "What is the capital of France?" the first token is a near-tie even in
+    # fp32 ("The" 25.325 vs "L" 25.243), and the compact models' activation rounding (int8 blocks, ~0.4 on
+    # these logits) decides it either way -- the AVX2 and AVX-512 kernels, equal to 1e-5 per matmul, land on
+    # different sides. Their quality is held by the perplexity tests in this file.
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -13,6 +13,10 @@ inline constexpr int64_t kBlock = 32;
 // token (page faults and memset showed in the profile). Buffers live at the same time need distinct names.
 enum class Scratch { kQuantX, kScaleX, kSumX, kSpread, kHidden, kQkv, kQuery, kAttention, kGateUp, kActivation };
 
+// Rows of activations per task when quantizing them: a decode batch (tens of rows) is quantized on the calling
+// thread, where a parallel region would cost more than the work; prefill chunks are split.
+inline int64_t rows_per_task(int64_t k) { return k >= (1 << 16) ? 1 : (1 << 16) / k; }
+
 template <typename T, Scratch name>
 T* scratch(int64_t count) {
   thread_local std::vector<T> buffer;

@@ -78,7 +78,7 @@ void int8_matmul(const float* xp, int64_t m, int64_t k, const int8_t* wp, const 
   const int64_t nb = k / kBlock;
   int8_t* qp = scratch<int8_t, Scratch::kQuantX>(m * k);
   float* sp = scratch<float, Scratch::kScaleX>(m * nb);
-  at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, m, rows_per_task(k), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) quantize_row(xp + r * k, k, qp + r * k, sp + r * nb);
   });
   const bool wide = use_avx512();
