@@ -50,10 +50,12 @@ def assert_close_steps(got: list[torch.Tensor], want: list[torch.Tensor]) -> Non
     assert sum(e <= 1e-5 for e in errors) >= 0.8 * len(errors), errors
 
 
-def decode_logits(model: Decoder, prompt: torch.Tensor, steps: int, key_valid=None, fed=None) -> list[torch.Tensor]:
-    """Logits of a prefill then ``steps`` one-token steps that feed fixed tokens (``fed``, or a pattern)."""
+def decode_logits(model: Decoder, prompt: torch.Tensor, steps: int, key_valid=None, fed=None,
+                  cache_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Logits of a prefill then ``steps`` one-token steps that feed fixed tokens (``fed``, or a pattern), with
+    a KV cache of ``cache_dtype`` (default: the model's choice, ``Decoder.cache_dtype``)."""
     b, t = prompt.shape
-    cache = KVCache(model.cfg, b, t + steps, torch.float32)
+    cache = KVCache(model.cfg, b, t + steps, cache_dtype or model.cache_dtype)
     out = []
     with torch.inference_mode():
         kv = None if key_valid is None else key_valid[:, :t]
@@ -69,13 +71,41 @@ def decode_logits(model: Decoder, prompt: torch.Tensor, steps: int, key_valid=No
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("qkv_bias", [False, True])
-def test_fused_steps_match_the_eager_layers(mode, qkv_bias):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_fused_steps_match_the_eager_layers(mode, qkv_bias, cache_dtype):
     fused = tiny_compact(mode, qkv_bias)
     assert fused._fused_decode_layers() is not None, "the fused path should cover this model"
     prompt = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(1))
-    got = decode_logits(fused, prompt, 12)
-    want = decode_logits(eager(tiny_compact(mode, qkv_bias)), prompt, 12)
+    got = decode_logits(fused, prompt, 12, cache_dtype=cache_dtype)
+    want = decode_logits(eager(tiny_compact(mode, qkv_bias)), prompt, 12, cache_dtype=cache_dtype)
     assert_close_steps(got, want)
+
+
+def test_compact_models_keep_a_float16_cache():
+    """Where the fused layers decode, the KV cache is float16 (half the bytes a step reads); the fused
+    write rounds as torch's cast does, so prefill (eager) and decode (fused) slots hold the same kind of
+    values; elsewhere the cache keeps the model's dtype."""
+    model = tiny_compact("int4")
+    assert model.cache_dtype == torch.float16
+    assert eager(tiny_compact("int4")).cache_dtype == torch.float32
+    prompt = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(5))
+    cache = KVCache(model.cfg, 2, 7, model.cache_dtype)
+    with torch.inference_mode():
+        model(prompt, None, None, cache, 0, last_only=True)
+        model(torch.tensor([[3], [4]]), torch.tensor([[5], [5]]), None, cache, 5, last_only=True)
+    # slot 5 came from DecodeLayer's own float16 store; an eager step on a float32 cache gives the key
+    # whose rounding must equal it
+    reference = KVCache(model.cfg, 2, 7, torch.float32)
+    with torch.inference_mode():
+        plain = eager(tiny_compact("int4"))
+        plain(prompt, None, None, reference, 0, last_only=True)
+        plain(torch.tensor([[3], [4]]), torch.tensor([[5], [5]]), None, reference, 5, last_only=True)
+    # layer 0's keys/values depend on the tokens alone (later layers also on attention over the float16
+    # cache), so there they must be the float32 ones rounded: within one float16 ulp (RoPE's cos/sin differ
+    # by a float ulp between the two paths)
+    for got, want in ((cache.keys[0], reference.keys[0]), (cache.values[0], reference.values[0])):
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got[:, :, :6].float(), want[:, :, :6].half().float(), atol=1e-4, rtol=1e-3)
 
 
 def test_fused_steps_respect_left_padding():
@@ -83,11 +113,12 @@ def test_fused_steps_respect_left_padding():
     prompt = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(2))
     valid = torch.ones(2, 5 + 6, dtype=torch.bool)
     valid[1, :3] = False  # row 1 is a 2-token prompt, left-padded
-    got = decode_logits(model, prompt, 6, valid)
-    want = decode_logits(eager(tiny_compact("int8")), prompt, 6, valid)
+    half = torch.float16  # the compact model's own cache; the eager path is given the same
+    got = decode_logits(model, prompt, 6, valid, cache_dtype=half)
+    want = decode_logits(eager(tiny_compact("int8")), prompt, 6, valid, cache_dtype=half)
     assert_close_steps(got, want)
     # and the padded row equals that row decoded alone, without padding
-    alone = decode_logits(tiny_compact("int8"), prompt[1:, 3:], 6)
+    alone = decode_logits(tiny_compact("int8"), prompt[1:, 3:], 6, cache_dtype=half)
     assert_close_steps([g[1:] for g in got], alone)
 
 
@@ -105,6 +136,8 @@ def test_decode_layer_names_bad_inputs():
         layer.forward(**{**good, "slots": torch.tensor([3, 9])})
     with pytest.raises(RuntimeError, match=r"valid: bool \[B, span\]"):
         layer.forward(**{**good, "valid": torch.ones(2, span + 1, dtype=torch.bool)})
+    with pytest.raises(RuntimeError, match="keys, values: float32 or float16, one dtype"):
+        layer.forward(**{**good, "keys": keys[0].half()})
 
 
 def test_batcher_rows_of_different_lengths_match_decoding_alone():

@@ -113,6 +113,13 @@ def test_attend_one_matches_sdpa_over_a_cache_view(masked, d):
         enable_gqa=True)
     got = ops.attend_one(q, k, v, valid, d ** -0.5)
     torch.testing.assert_close(got, want.reshape(b, h * d), atol=1e-5, rtol=1e-5)
+    # a float16 cache (compact models): read as the float32 values it holds
+    k16, v16 = cache_k.half()[:, :, :length], cache_v.half()[:, :, :length]
+    want16 = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k16.float(), v16.float(), attn_mask=None if valid is None else valid[:, None, None, :],
+        scale=d ** -0.5, enable_gqa=True)
+    torch.testing.assert_close(ops.attend_one(q, k16, v16, valid, d ** -0.5), want16.reshape(b, h * d),
+                               atol=1e-5, rtol=1e-5)
 
 
 # K = 96 and 1120: an odd number of blocks (the AVX-512 variant takes two at a time), 1120 also past 16 of them

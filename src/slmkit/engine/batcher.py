@@ -109,8 +109,8 @@ class _Running:
     def update(self, layer: int, k, v, start: int):
         n = len(self.lengths)
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys[self.rows, :, self.lengths] = k[:, :, 0]
-        values[self.rows, :, self.lengths] = v[:, :, 0]
+        keys[self.rows, :, self.lengths] = k[:, :, 0].to(keys.dtype)
+        values[self.rows, :, self.lengths] = v[:, :, 0].to(values.dtype)
         return keys[:n, :, :self.span], values[:n, :, :self.span]
 
     def decode_slots(self, start: int, batch: int):
@@ -126,7 +126,7 @@ class Batcher:
             raise SlmError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.cache = _RowCache(model.cfg, max_batch, model.dtype, model.device)
+        self.cache = _RowCache(model.cfg, max_batch, getattr(model, "cache_dtype", model.dtype), model.device)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.jobs: deque[tuple[Callable, Callable]] = deque()  # other model work (scoring), run between steps

@@ -98,7 +98,7 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
     ids, key_valid, positions, seen = ids.to(device), key_valid.to(device), positions.to(device), seen.to(device)
 
     generator = make_generator(params, device)
-    cache = KVCache(cfg, b, t + params.max_new_tokens, model.dtype, device)
+    cache = KVCache(cfg, b, t + params.max_new_tokens, getattr(model, "cache_dtype", model.dtype), device)
     logits = prefill(model, ids, positions, key_valid if padded else None, cache)
     next_pos = positions[:, -1] + 1
     penalize = params.repetition_penalty != 1.0

@@ -9,9 +9,11 @@
 // cos/sin come from the C library rather than torch's vectorised ones (a float ulp apart).
 //
 // Layout assumptions (checked by slmkit.models.fused_decode before a layer is built): q/k rows interleaved
-// per head so RoPE pairs are (2i, 2i+1), rotary dim = head dim; float32 activations and KV cache.
+// per head so RoPE pairs are (2i, 2i+1), rotary dim = head dim; float32 activations; a float32 or float16 KV cache.
 #include <ATen/ATen.h>
 #include <torch/extension.h>
+
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -103,10 +105,12 @@ class DecodeLayer {
     TORCH_CHECK(positions.scalar_type() == torch::kLong && positions.numel() == b && positions.is_contiguous(),
                 "positions: int64 [B]");
     TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.numel() == b && slots.is_contiguous(), "slots: int64 [B]");
-    TORCH_CHECK(keys.scalar_type() == torch::kFloat && values.scalar_type() == torch::kFloat && keys.dim() == 4 &&
+    const bool half = keys.scalar_type() == torch::kHalf;
+    TORCH_CHECK((half || keys.scalar_type() == torch::kFloat) && values.scalar_type() == keys.scalar_type() &&
+                keys.dim() == 4 &&
                 keys.sizes() == values.sizes() && keys.size(0) >= b && keys.size(1) == kv_heads_ &&
                 keys.size(3) == head_dim_ && keys.stride(3) == 1 && values.stride(3) == 1 && span <= keys.size(2),
-                "keys, values: float32 [rows >= B, KV, slots >= span, head_dim]");
+                "keys, values: float32 or float16, one dtype, [rows >= B, KV, slots >= span, head_dim]");
     const bool* vp = nullptr;
     torch::Tensor valid_c;
     if (valid.has_value()) {
@@ -136,12 +140,22 @@ class DecodeLayer {
     slmkit::rms_norm_rows(xp, b, dim_, attn_norm_.data_ptr<float>(), eps_, h);
     qkv_.apply(h, b, qkv);
     rope(qkv, b, qkv_width, pos);
-    store(qkv, b, qkv_width, q_width, keys, values, slot);
-
-    const slmkit::CacheView kview{keys.data_ptr<float>(), keys.stride(0), keys.stride(1), keys.stride(2)};
-    const slmkit::CacheView vview{values.data_ptr<float>(), values.stride(0), values.stride(1), values.stride(2)};
     for (int64_t r = 0; r < b; ++r) std::copy_n(qkv + r * qkv_width, q_width, q + r * q_width);
-    slmkit::attend_rows(q, b, heads_, head_dim_, kview, vview, kv_heads_, span, vp, scale_, attn);
+    if (half) {
+      auto* kp = reinterpret_cast<uint16_t*>(keys.data_ptr<at::Half>());
+      auto* vp16 = reinterpret_cast<uint16_t*>(values.data_ptr<at::Half>());
+      store(qkv, b, qkv_width, q_width, kp, keys.strides(), vp16, values.strides(), slot);
+      slmkit::attend_rows<uint16_t>(q, b, heads_, head_dim_, {kp, keys.stride(0), keys.stride(1), keys.stride(2)},
+                                    {vp16, values.stride(0), values.stride(1), values.stride(2)}, kv_heads_, span, vp,
+                                    scale_, attn);
+    } else {
+      float* kp = keys.data_ptr<float>();
+      float* vp32 = values.data_ptr<float>();
+      store(qkv, b, qkv_width, q_width, kp, keys.strides(), vp32, values.strides(), slot);
+      slmkit::attend_rows<float>(q, b, heads_, head_dim_, {kp, keys.stride(0), keys.stride(1), keys.stride(2)},
+                                 {vp32, values.stride(0), values.stride(1), values.stride(2)}, kv_heads_, span, vp,
+                                 scale_, attn);
+    }
 
     o_.apply(attn, b, y);  // y = o(attn), then the residual
     for (int64_t i = 0; i < b * dim_; ++i) y[i] += xp[i];
@@ -178,18 +192,26 @@ class DecodeLayer {
     }
   }
 
-  // Each row's new key and value into its cache slot.
-  void store(const float* qkv, int64_t b, int64_t width, int64_t q_width, torch::Tensor& keys, torch::Tensor& values,
-             const int64_t* slot) const {
-    float* kp = keys.data_ptr<float>();
-    float* vp = values.data_ptr<float>();
+  // Each row's new key and value into its cache slot: copied, or rounded to float16 (to nearest even, as
+  // torch's casts do, so an eager prefill and this write store the same bits).
+  static void put(const float* src, int64_t d, float* dst) { std::copy_n(src, d, dst); }
+  static void put(const float* src, int64_t d, uint16_t* dst) {
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < d; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+  }
+
+  template <typename T>
+  void store(const float* qkv, int64_t b, int64_t width, int64_t q_width, T* kp, at::IntArrayRef k_strides, T* vp,
+             at::IntArrayRef v_strides, const int64_t* slot) const {
     const int64_t kv_width = kv_heads_ * head_dim_;
     for (int64_t r = 0; r < b; ++r) {
       for (int64_t g = 0; g < kv_heads_; ++g) {
         const float* k_src = qkv + r * width + q_width + g * head_dim_;
         const float* v_src = k_src + kv_width;
-        std::copy_n(k_src, head_dim_, kp + r * keys.stride(0) + g * keys.stride(1) + slot[r] * keys.stride(2));
-        std::copy_n(v_src, head_dim_, vp + r * values.stride(0) + g * values.stride(1) + slot[r] * values.stride(2));
+        put(k_src, head_dim_, kp + r * k_strides[0] + g * k_strides[1] + slot[r] * k_strides[2]);
+        put(v_src, head_dim_, vp + r * v_strides[0] + g * v_strides[1] + slot[r] * v_strides[2]);
       }
     }
   }

@@ -14,25 +14,33 @@
 
 namespace {
 
-// sum(a[i] * b[i]) over d floats, 8 lanes at a time where d allows.
-inline float dot(const float* a, const float* b, int64_t d) {
+// 8 floats from a float or a float16 (uint16_t bits) cache; one element.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return _cvtsh_ss(*p); }
+
+// sum(a[i] * b[i]) over d elements, 8 lanes at a time where d allows.
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t d) {
   int64_t i = 0;
   float total = 0.0f;
   if (d >= 8) {
     __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
     total = slmkit::hsum(acc);
   }
-  for (; i < d; ++i) total += a[i] * b[i];
+  for (; i < d; ++i) total += a[i] * load1(b + i);
   return total;
 }
 
-// y[i] += p * x[i] over d floats.
-inline void axpy(float p, const float* x, float* y, int64_t d) {
+// y[i] += p * x[i] over d elements.
+template <typename T>
+inline void axpy(float p, const T* x, float* y, int64_t d) {
   int64_t i = 0;
   const __m256 pv = _mm256_set1_ps(p);
-  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < d; ++i) y[i] += p * x[i];
+  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, load8(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < d; ++i) y[i] += p * load1(x + i);
 }
 
 // e^x on 8 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial, times 2^n), within
@@ -55,15 +63,15 @@ inline __m256 exp8(__m256 x) {
 }
 
 // out = sum_s p[s] * v_s over `length` slots for D floats (D a multiple of 8), the output in registers.
-template <int D>
-inline void weighted_sum(const float* p, const float* vb, int64_t stride, int64_t length, float* out) {
+template <int D, typename T>
+inline void weighted_sum(const float* p, const T* vb, int64_t stride, int64_t length, float* out) {
   __m256 acc[D / 8];
   for (int j = 0; j < D / 8; ++j) acc[j] = _mm256_setzero_ps();
   for (int64_t s = 0; s < length; ++s) {
     if (p[s] == 0.0f) continue;
     const __m256 w = _mm256_set1_ps(p[s]);
-    const float* v = vb + s * stride;
-    for (int j = 0; j < D / 8; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
+    const T* v = vb + s * stride;
+    for (int j = 0; j < D / 8; ++j) acc[j] = _mm256_fmadd_ps(w, load8(v + 8 * j), acc[j]);
   }
   for (int j = 0; j < D / 8; ++j) _mm256_storeu_ps(out + 8 * j, acc[j]);
 }
@@ -103,7 +111,8 @@ void silu_mul_rows(const float* gp, int64_t rows, int64_t h, float* yp) {
   });
 }
 
-void attend_rows(const float* qp, int64_t b, int64_t h, int64_t d, CacheView k, CacheView v, int64_t kv,
+template <typename T>
+void attend_rows(const float* qp, int64_t b, int64_t h, int64_t d, CacheView<T> k, CacheView<T> v, int64_t kv,
                  int64_t length, const bool* vp, float sc, float* op) {
   // One task per (row, KV head): the group's query heads meet each cached key while it is loaded.
   const int64_t group = h / kv;
@@ -112,8 +121,8 @@ void attend_rows(const float* qp, int64_t b, int64_t h, int64_t d, CacheView k, 
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t row = task / kv, kvh = task % kv;
       const float* q0 = qp + (row * h + kvh * group) * d;
-      const float* kb = k.base + row * k.stride_row + kvh * k.stride_head;
-      const float* vb = v.base + row * v.stride_row + kvh * v.stride_head;
+      const T* kb = k.base + row * k.stride_row + kvh * k.stride_head;
+      const T* vb = v.base + row * v.stride_row + kvh * v.stride_head;
       const bool* valid = vp ? vp + row * length : nullptr;
       for (int64_t s = 0; s < length; ++s) {
         const bool seen = !valid || valid[s];
@@ -143,9 +152,9 @@ void attend_rows(const float* qp, int64_t b, int64_t h, int64_t d, CacheView k, 
         for (s = 0; s < length; ++s) p[s] *= inv_total;
         float* o = op + row * h * d + (kvh * group + g) * d;
         if (d == 64) {
-          weighted_sum<64>(p, vb, v.stride_slot, length, o);
+          weighted_sum<64, T>(p, vb, v.stride_slot, length, o);
         } else if (d == 128) {
-          weighted_sum<128>(p, vb, v.stride_slot, length, o);
+          weighted_sum<128, T>(p, vb, v.stride_slot, length, o);
         } else {
           std::fill(o, o + d, 0.0f);
           for (s = 0; s < length; ++s)
@@ -155,6 +164,11 @@ void attend_rows(const float* qp, int64_t b, int64_t h, int64_t d, CacheView k, 
     }
   });
 }
+
+template void attend_rows<float>(const float*, int64_t, int64_t, int64_t, CacheView<float>, CacheView<float>,
+                                 int64_t, int64_t, const bool*, float, float*);
+template void attend_rows<uint16_t>(const float*, int64_t, int64_t, int64_t, CacheView<uint16_t>, CacheView<uint16_t>,
+                                    int64_t, int64_t, const bool*, float, float*);
 
 }  // namespace slmkit
 
@@ -182,16 +196,17 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return y;
 }
 
-// Attention of one new query per row over the cached keys/values: q [B, H, D]; k, v [B, KV, S, D], any
+// Attention of one new query per row over the cached keys/values: q [B, H, D]; k, v [B, KV, S, D] float32 or float16, any
 // strides but the last (views of a larger cache are read in place); valid: optional bool [B, S] (false =
 // a slot the row may not see); the query heads of a KV group share it (GQA). Softmax in fp32 as torch
 // does. Returns [B, H * D], heads in order, ready for the output projection.
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> valid,
                          double scale) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat && q.is_contiguous() && q.dim() == 3, "q: contiguous float32 [B, H, D]");
-  TORCH_CHECK(k.scalar_type() == torch::kFloat && v.scalar_type() == torch::kFloat && k.dim() == 4 &&
+  const bool half = k.scalar_type() == torch::kHalf;
+  TORCH_CHECK((half || k.scalar_type() == torch::kFloat) && v.scalar_type() == k.scalar_type() && k.dim() == 4 &&
               k.sizes() == v.sizes() && k.stride(3) == 1 && v.stride(3) == 1,
-              "k, v: float32 [B, KV, S, D] of one shape with unit stride in D");
+              "k, v: float32 or float16 [B, KV, S, D] of one shape and dtype with unit stride in D");
   const int64_t b = q.size(0), h = q.size(1), d = q.size(2), kv = k.size(1), length = k.size(2);
   TORCH_CHECK(k.size(0) == b && k.size(3) == d && h % kv == 0, "q and k/v shapes disagree");
   const bool* vp = nullptr;
@@ -202,9 +217,16 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10:
     vp = valid_c.data_ptr<bool>();
   }
   auto out = torch::empty({b, h * d}, q.options());
-  const slmkit::CacheView kview{k.data_ptr<float>(), k.stride(0), k.stride(1), k.stride(2)};
-  const slmkit::CacheView vview{v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2)};
-  slmkit::attend_rows(q.data_ptr<float>(), b, h, d, kview, vview, kv, length, vp, static_cast<float>(scale),
-                      out.data_ptr<float>());
+  if (half) {
+    const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::Half>());
+    const auto* vp16 = reinterpret_cast<const uint16_t*>(v.data_ptr<at::Half>());
+    slmkit::attend_rows<uint16_t>(q.data_ptr<float>(), b, h, d, {kp, k.stride(0), k.stride(1), k.stride(2)},
+                                  {vp16, v.stride(0), v.stride(1), v.stride(2)}, kv, length, vp,
+                                  static_cast<float>(scale), out.data_ptr<float>());
+  } else {
+    slmkit::attend_rows<float>(q.data_ptr<float>(), b, h, d, {k.data_ptr<float>(), k.stride(0), k.stride(1), k.stride(2)},
+                               {v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2)}, kv, length, vp,
+                               static_cast<float>(scale), out.data_ptr<float>());
+  }
   return out;
 }

@@ -91,6 +91,13 @@ class Decoder(nn.Module):
             return self.lm_head.forward_refined(h)
         return self.lm_head(h)
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: float16 where the fused C++ decode reads and writes the cache (compact CPU
+        models; llama.cpp's default too) -- half the memory and half the bytes each step reads -- else the
+        model's own dtype."""
+        return torch.float16 if self._fused_decode_layers() is not None else self.dtype
+
     def _fused_decode_layers(self):
         """The compact model's one-call-per-layer decode path (models.fused_decode), built once; or None."""
         if self._fused_layers is False:

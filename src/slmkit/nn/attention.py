@@ -54,12 +54,15 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v, start)
         if t == 1:
             ops = kernels.load() if q.device.type == "cpu" and not torch.compiler.is_compiling() else None
-            if (ops is not None and q.dtype == k.dtype == torch.float32 and kernels.inference_only(q, k, v)
+            if (ops is not None and q.dtype == torch.float32 and k.dtype in (torch.float32, torch.float16)
+                    and kernels.inference_only(q, k, v)
                     and (mask is None or mask.shape[-1] == k.shape[2])):  # one call instead of ten ops
                 valid = None if mask is None else mask.reshape(b, k.shape[2])
                 out = ops.attend_one(q.reshape(b, self.n_heads, self.head_dim).contiguous(), k, v, valid, self.scale)
                 return self.o(out.reshape(b, 1, self.n_heads * self.head_dim))
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a float16 cache (Decoder.cache_dtype) is read as q's dtype
             return self.o(self._attend_one(q, k, v, mask).reshape(b, 1, self.n_heads * self.head_dim))
+        k, v = k.to(q.dtype), v.to(q.dtype)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,
