@@ -234,5 +234,6 @@ void bind_decode_layer(py::module_& mod) {
            py::arg("inv_freq"), py::arg("scale"))
       .def("forward", &DecodeLayer::forward, py::arg("x"), py::arg("positions"), py::arg("keys"), py::arg("values"),
            py::arg("slots"), py::arg("span"), py::arg("valid"),
-           "one decoder layer for one new token per row; writes the new key/value into the cache");
+           "one decoder layer for one new token per row; writes the new key/value into the cache",
+           py::call_guard<py::gil_scoped_release>());  // a server's HTTP thread runs meanwhile
 }
