@@ -5,8 +5,8 @@ Copy-paste (from the repository root, after ``make install-test``):
     # the full benchmark on the default model (smollm2-135m-instruct), all engines, all cores
     .venv/bin/python bench/inference.py --json bench-inference.json
 
-    # slmkit at int4 against llama.cpp only, 4 threads, another GGUF
-    .venv/bin/python bench/inference.py --engines slmkit,llama.cpp --quant int4 --threads 4 --model path/to/model.gguf
+    # slmkit at int8 against llama.cpp only, 4 threads, another GGUF
+    .venv/bin/python bench/inference.py --engines slmkit,llama.cpp --quant int8 --threads 4 --model path/to/model.gguf
 
     # a smoke test that finishes in seconds (the figures mean nothing)
     .venv/bin/python bench/inference.py --prompt-tokens 16 --new-tokens 8 --batches 2 --repeats 1
@@ -78,7 +78,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--name", default="smollm2-135m-instruct", help="registry model used when --model is absent")
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of: " + ", ".join(ENGINES))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--quant", choices=("none", "int8", "int4"), default="int8", help="slmkit weight quantization")
+    ap.add_argument("--quant", choices=("none", "int8", "int4"), default="int4",
+                    help="slmkit weight quantization (default int4: 4-bit groups of 32 with a minimum, the form of "
+                         "the Q4_1 file llama.cpp runs)")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="prefill length")
     ap.add_argument("--new-tokens", type=int, default=256, help="tokens generated per stream")
     ap.add_argument("--batches", default="8,32", help="batch sizes for aggregate decode ('' for none)")
