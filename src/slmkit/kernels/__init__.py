@@ -4,7 +4,9 @@
 activations, ``int8_linear.cpp`` / ``int4_linear.cpp``), ``rms_norm``, ``silu_mul`` and ``attend_one``
 (``fused_ops.cpp``), ``DecodeLayer`` (a compact model's whole decoder layer for one new token per row,
 ``decode_layer.cpp``) -- or ``None`` where it cannot run: not an x86 CPU with AVX2, no compiler, or
-``SLMKIT_KERNELS=0``; callers then use torch's own ops. The build lives in a folder named by a hash of the
+``SLMKIT_KERNELS=0``; callers then use torch's own ops. The matmuls carry AVX-512 VNNI variants compiled per
+function and picked at run time (``avx512.h``; ``SLMKIT_AVX512=0`` or ``set_avx512(False)`` keeps the 256-bit
+code). The build lives in a folder named by a hash of the
 sources, flags, torch and Python versions (under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/slmkit/kernels``), so a
 later process imports it directly and a changed source builds afresh; ``python -m slmkit.kernels`` builds it
 ahead of time (``make install`` does).
@@ -21,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in
-            ("bindings.cpp", "avx512.cpp", "int8_linear.cpp", "int4_linear.cpp", "fused_ops.cpp", "decode_layer.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("bindings.cpp", "avx512.cpp", "int8_linear.cpp",
+                                                          "int4_linear.cpp", "fused_ops.cpp", "decode_layer.cpp")]
 _HEADERS = [Path(__file__).with_name(name) for name in ("avx512.h", "common.h", "linear.h", "fused.h")]
 
 

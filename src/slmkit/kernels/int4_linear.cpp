@@ -7,7 +7,8 @@
 //     s_b * (scale * sum(code * qx) + minimum * sum(qx)),
 // the first sum one maddubs + madd (unsigned codes x signed activations; one VNNI dpbusd where the CPU has
 // it), the second shared by all rows.
-// As in int8_linear.cpp, every row of x is taken while a tile of weight rows is in cache.
+// As in int8_linear.cpp, every row of x is taken while a tile of weight rows is in cache. Where the CPU has
+// AVX-512 VNNI (avx512.h) a variant takes two groups per instruction: batched decoding is compute-bound here.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/types.h>

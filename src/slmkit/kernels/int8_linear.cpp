@@ -6,7 +6,7 @@
 // float multiply-add by the block's activation scale. The row's weight scale is applied once at the end.
 // Weights are walked once per call: for every tile of output rows, every row of x is taken while the
 // tile is in cache, so M rows cost far less than M matrix-vector products. Rows are split over torch's
-// intra-op threads.
+// intra-op threads. Where the CPU has AVX-512 VNNI (avx512.h), tile4_512 takes two blocks per instruction.
 #include <ATen/ATen.h>
 #include <torch/types.h>
 #include <ATen/Parallel.h>
