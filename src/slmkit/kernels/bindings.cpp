@@ -1,6 +1,8 @@
 // The Python module of slmkit's CPU kernels (built by slmkit/kernels/__init__.py).
 #include <torch/extension.h>
 
+#include "avx512.h"
+
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale);  // int8_linear.cpp
 void refine_top(torch::Tensor logits, torch::Tensor x, torch::Tensor weight, torch::Tensor scale,
                 c10::optional<torch::Tensor> bias, int64_t count);                     // int8_linear.cpp
@@ -10,7 +12,6 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);      
 torch::Tensor silu_mul(torch::Tensor gate_up);                                          // fused_ops.cpp
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> valid,
                          double scale);                                                 // fused_ops.cpp
-#include "avx512.h"
 void bind_decode_layer(py::module_& mod);                                               // decode_layer.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {

@@ -118,8 +118,7 @@ SLMKIT_AVX512 inline __m256 sum_each(const __m512* v) {
 SLMKIT_AVX512 inline float last_block(const uint8_t* codes, const uint16_t* scale, const int8_t* xq, float xs) {
   const __m256i w = codes32(codes, _mm_set1_epi8(0x0F));
   const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-  return _mm512_reduce_add_ps(_mm512_castps256_ps512(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(
-             _mm256_setzero_si256(), w, xv)))) * (half(scale) * xs);
+  return hsum(_mm256_cvtepi32_ps(slmkit::dot_u8s8(w, xv))) * (half(scale) * xs);
 }
 
 // rows_times_pair with two blocks per instruction; xsv holds the activation scales spread to pairs

@@ -35,14 +35,14 @@ inline __m256i dot32(__m256i ax, __m256i xs, __m256i w) {
   return slmkit::dot_u8s8(ax, _mm256_sign_epi8(w, xs));
 }
 
-// Four weight rows (from w0, k apart) times activation rows i0..i1 with two blocks per instruction (avx512.h);
+// Four weight rows (from w0, k apart) times all m activation rows with two blocks per instruction (avx512.h);
 // xsv holds the activation scales spread to pairs. The sign of x moves onto w by a masked negation (AVX-512
 // has no sign_epi8); weights are in -127..127, so negating never overflows.
 SLMKIT_AVX512 void tile4_512(const int8_t* w0, const float* wsp, const int8_t* qp, const float* sp, const float* xsv,
-                             int64_t i0, int64_t i1, int64_t k, int64_t nb, float* yp, int64_t n, int64_t r0) {
+                             int64_t m, int64_t k, int64_t nb, float* yp, int64_t n, int64_t r0) {
   const int64_t pairs = nb / 2;
   const __m512i zero = _mm512_setzero_si512();
-  for (int64_t i = i0; i < i1; ++i) {
+  for (int64_t i = 0; i < m; ++i) {
     const int8_t* xq = qp + i * k;
     __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t p = 0; p < pairs; ++p) {
@@ -90,7 +90,7 @@ void int8_matmul(const float* xp, int64_t m, int64_t k, const int8_t* wp, const 
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * kRows;
       if (wide && r0 + kRows <= n) {
-        tile4_512(wp + r0 * k, wsp, qp, sp, xsv, 0, m, k, nb, yp, n, r0);
+        tile4_512(wp + r0 * k, wsp, qp, sp, xsv, m, k, nb, yp, n, r0);
       } else if (r0 + kRows <= n) {
         const int8_t* w0 = wp + r0 * k;
         for (int64_t i = 0; i < m; ++i) {
