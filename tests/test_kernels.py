@@ -6,23 +6,23 @@ import pytest
 import torch
 
 from slmkit import kernels
-from slmkit.nn.quant import Int8Linear, quantize_int8
+from slmkit.nn.quant import Int8Linear, compact_path, quantize_int8
 
 ops = kernels.load()
 kernel = None if ops is None else ops.int8_linear
 pytestmark = pytest.mark.skipif(ops is None, reason="the int8 kernel needs an x86 CPU with AVX2 and a C++ compiler")
 
 
-@pytest.fixture(params=["avx2", "avx512"])
+@pytest.fixture(params=["avx2", "avx512", "torch"])
 def matmul_path(request):
-    """Each matmul test runs on the 256-bit code and, where the CPU has it, on the AVX-512 variant."""
-    wide = request.param == "avx512"
-    if wide and not ops.cpu_has_avx512():
+    """Each matmul test runs on the blocks path's 256-bit code, on the AVX-512 variant where the CPU has it,
+    and on its torch form (nn.quant.round_to_int8_blocks), at every row count (no switch to the dense path)."""
+    if request.param == "avx512" and not ops.cpu_has_avx512():
         pytest.skip("this CPU has no AVX-512 VNNI")
-    before = ops.set_avx512(wide)
-    assert ops.use_avx512() == wide
-    yield request.param
-    ops.set_avx512(before)
+    with compact_path(request.param):
+        if request.param != "torch":
+            assert ops.use_avx512() == (request.param == "avx512")
+        yield request.param
 
 
 def block_quantized_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,7 @@ def test_int8_kernel_matches_its_arithmetic(m, n, k, matmul_path):
     w, x = torch.randn(n, k), torch.randn(m, k) * 3
     x[0, :40] = 0  # an all-zero block (scale 0) and part of the next
     q, scale = quantize_int8(w)
-    got = kernel(x, q, scale).double()
+    got = Int8Linear(q, scale, None)(x).double()
     want = block_quantized_reference(x, q, scale)
     assert got.shape == (m, n)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()

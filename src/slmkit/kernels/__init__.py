@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("bindings.cpp", "avx512.cpp", "int8_linear.cpp",
-                                                          "int4_linear.cpp", "fused_ops.cpp", "decode_layer.cpp")]
+                                                          "int4_linear.cpp", "fused_ops.cpp", "decode_layer.cpp",
+                                                          "dequantize.cpp")]
 _HEADERS = [Path(__file__).with_name(name) for name in ("avx512.h", "common.h", "linear.h", "fused.h")]
 
 

@@ -12,6 +12,9 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);      
 torch::Tensor silu_mul(torch::Tensor gate_up);                                          // fused_ops.cpp
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> valid,
                          double scale);                                                 // fused_ops.cpp
+torch::Tensor int4_dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor minimum,
+                              at::ScalarType dtype);                                    // dequantize.cpp
+torch::Tensor int8_dequantize(torch::Tensor weight, torch::Tensor scale, at::ScalarType dtype);  // dequantize.cpp
 void bind_decode_layer(py::module_& mod);                                               // decode_layer.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
@@ -23,6 +26,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("refine_top", &refine_top, "the output head's top entries per row recomputed exactly (in place)",
           py::arg("logits"), py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bias"), py::arg("count"),
           release());
+  mod.def("int4_dequantize", &int4_dequantize, "the dense [N,K] float32/bfloat16 weight of int4_linear's operands",
+          py::arg("codes"), py::arg("scale"), py::arg("minimum"), py::arg("dtype"), release());
+  mod.def("int8_dequantize", &int8_dequantize, "the dense [N,K] float32/bfloat16 weight of int8_linear's operands",
+          py::arg("weight"), py::arg("scale"), py::arg("dtype"), release());
   mod.def("rms_norm", &rms_norm, "RMSNorm over the last dim, float32");
   mod.def("attend_one", &attend_one, "one query per row over cached keys/values (GQA), float32 -> [B, H*D]",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("valid"), py::arg("scale"), release());

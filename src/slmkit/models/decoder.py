@@ -22,6 +22,7 @@ from ..config import ModelConfig
 from ..nn.attention import Attention
 from ..nn.mlp import GatedMLP, PlainMLP
 from ..nn.norms import make_norm
+from ..nn.quant import block_kernels_forced_off
 from ..nn.rope import inv_frequencies, rope_cis, rope_cos_sin
 from . import fused_decode
 
@@ -141,7 +142,8 @@ class Decoder(nn.Module):
             masks = custom_masks(self.cfg, attn_mask, positions)
         else:
             masks = attention_masks(self.cfg, t, start, key_valid, device)
-        if t == 1 and self.quant != "none" and x.device.type == "cpu" and hasattr(cache, "decode_slots"):
+        if (t == 1 and self.quant != "none" and x.device.type == "cpu" and hasattr(cache, "decode_slots")
+                and not block_kernels_forced_off()):
             fused = self._fused_decode_layers()  # RoPE happens inside: no tables needed
             if fused is not None:
                 return self.norm(fused_decode.decode(fused, x, positions, cache, start, masks[False]))

@@ -31,13 +31,12 @@ class GatedMLP(nn.Module):
             if isinstance(self.gate_up, nn.Linear):
                 gate, up = self.gate_up(x).chunk(2, dim=-1)
                 return self.down(self.act(gate) * up)
-            # quantized: when the product feeds a bf16 matmul it stays bf16 (two casts fewer per layer)
-            inner = torch.bfloat16 if self.gate_up.takes_bf16 else x.dtype
-            ops = kernels.load() if inner == torch.float32 and self.activation == "silu" else None
-            if ops is not None:  # slmkit's int8 kernel: fp32 throughout, silu(gate) * up in one call
-                return self.down(ops.silu_mul(self.gate_up(x, out_dtype=inner).contiguous()))
-            gate, up = self.gate_up(x, out_dtype=inner).chunk(2, dim=-1)
-            return self.down(self.act(gate) * up, out_dtype=x.dtype)
+            # compact (nn.quant): float32 in and out; silu(gate) * up in one call where the kernels are built
+            ops = kernels.load() if x.dtype == torch.float32 and self.activation == "silu" else None
+            if ops is not None:
+                return self.down(ops.silu_mul(self.gate_up(x).contiguous()))
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(self.act(gate) * up)
         return self.down(self.act(self.gate(x)) * self.up(x))
 
 
