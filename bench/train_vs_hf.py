@@ -95,10 +95,11 @@ def run_slmkit(spec: dict) -> dict:
 
     from slmkit.train.config import config_from_dict
     from slmkit.train.distributed import Dist
-    from slmkit.train.run import build, keep_freed_memory
+    from slmkit import memory
+    from slmkit.train.run import build
     from slmkit.train.trainer import Trainer
 
-    keep_freed_memory()
+    memory.enter_phase("training")
     torch.set_num_threads(spec["threads"])
     cfg = config_from_dict(spec["config"])
     parts = build(cfg, Dist())
@@ -122,9 +123,9 @@ def run_hf(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     if spec.get("hf_malloc"):  # the glibc settings slmkit's trainer applies to itself
-        from slmkit.train.run import keep_freed_memory
+        from slmkit import memory
 
-        keep_freed_memory()
+        memory.enter_phase("training")
     cfg = spec["config"]
     run, optim = cfg["run"], cfg["optim"]
     data = PackedDataset(cfg["data"]["shards"], "train", cfg["data"]["seq_len"])
@@ -219,7 +220,7 @@ def main() -> None:
     p.add_argument("--slm-eager", action="store_true", help="also time slmkit without torch.compile")
     p.add_argument("--hf-compile", action="store_true", help="also time transformers with torch_compile=True")
     p.add_argument("--hf-malloc", action="store_true",
-                   help="also time transformers with slmkit's glibc malloc settings (run.keep_freed_memory)")
+                   help="also time transformers with slmkit's glibc malloc settings (slmkit.memory's training phase)")
     p.add_argument("--only", default=None, help="comma-separated row labels to run (default: all)")
     p.add_argument("--json", default=None)
     args = p.parse_args()

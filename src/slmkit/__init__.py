@@ -1,9 +1,5 @@
 """slmkit: a workbench for small language models."""
 
-from ._memory import limit_heap_growth
-
-limit_heap_growth()
-
 from .api import LM, load  # noqa: E402
 from .config import ModelConfig  # noqa: E402
 from .errors import SlmError  # noqa: E402

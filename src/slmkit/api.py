@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from . import memory
 from .config import ModelConfig
 from .encoder_api import EncoderLM, is_encoder_config, load_encoder
 from .seq2seq_api import Seq2SeqLM, is_seq2seq_config, load_seq2seq
@@ -202,6 +203,11 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", threads
     ``quant`` (``int8`` or ``int4``) makes the weights compact for fast CPU decoding (see formats.compact).
     """
     quant = check_mode(quant)
+    with memory.loading():  # large temporaries go straight back to the system, then buffers are reused
+        return _load(name_or_path, dtype, threads, quant)
+
+
+def _load(name_or_path, dtype, threads, quant: str):
     if threads is not None:
         set_threads(threads)
     torch_dtype = DTYPES.get(dtype) if isinstance(dtype, str) else dtype

@@ -10,9 +10,9 @@ of two paths, chosen by the number of rows (:func:`compact_path`):
   done in torch and multiplied in float32 (:func:`round_to_int8_blocks`). All three give one answer, up to
   the order of float32 additions (tests/test_compact_paths.py).
 * **dense** (prefill, scoring: many rows): the weight is expanded to bfloat16 one layer (or one slice of the
-  output head) at a time and multiplied by the bfloat16-rounded activation with float32 accumulation -- by
-  oneDNN's AMX / AVX-512 BF16 code where the CPU multiplies bf16 natively, else in float32 on the same rounded
-  values, so the answer does not depend on the CPU either. Here a many-row matmul is compute-bound, and those
+  output head) at a time and multiplied by the bfloat16-rounded activation, products summed in float32 and the
+  result rounded to bfloat16 -- by oneDNN's AMX / AVX-512 BF16 code where the CPU multiplies bf16 natively,
+  else by the same steps in float32, so the answer does not depend on the CPU either. Here a many-row matmul is compute-bound, and those
   units beat any integer kernel (docs/benchmarks.md has the crossover).
 """
 
@@ -111,17 +111,21 @@ class CompactLinear(nn.Module):
         return "kernel" if self.kernel is not None else "torch"
 
     def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` [M, K] float32 @ W.T with both rounded to bfloat16 and products summed in float32."""
+        """``x`` [M, K] float32 @ W.T with both rounded to bfloat16, products summed in float32 and the sums
+        rounded to bfloat16 (oneDNN's bf16 matmul; elsewhere the same steps in float32), returned as float32."""
         native = fast_bf16()
-        xb = x.to(torch.bfloat16)
-        if not native:
-            xb = xb.float()
+        xb = x.to(torch.bfloat16) if native else x.to(torch.bfloat16).float()
+
+        def product(rows: slice) -> torch.Tensor:
+            w = self.dense_weight(rows, torch.bfloat16)
+            return F.linear(xb, w) if native else F.linear(xb, w.float()).to(torch.bfloat16)
+
+        if self.out_features <= DENSE_SLICE:
+            return product(slice(None)).float()
         out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
         for start in range(0, self.out_features, DENSE_SLICE):
             rows = slice(start, min(start + DENSE_SLICE, self.out_features))
-            w = self.dense_weight(rows, torch.bfloat16)
-            part = F.linear(xb, w if native else w.float())
-            out[:, rows] = part
+            out[:, rows] = product(rows)
         return out
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import memory
 from ..config import ModelConfig
 from ..errors import SlmError
 from ..models.decoder import Decoder
@@ -260,25 +261,6 @@ def build(cfg: TrainConfig, d: Dist) -> RunParts:
     return RunParts(model, *sources, len(val), _save_model(cfg, model_cfg, tokenizer))
 
 
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory instead of returning it to the OS at once: training frees and
-    re-allocates the same large activations every step, and page faults on fresh mappings cost a third
-    of the step time here (a LoRA step of SmolLM2: 53 -> 81 tokens/s)."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    libc.mallopt(m_mmap_threshold, 32 * 2 ** 20)
-    libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
-    libc.mallopt(m_top_pad, 256 * 2 ** 20)
-
-
 def builder(task: str) -> Callable[[TrainConfig, Dist], RunParts]:
     """The function that builds a task's parts (decoder tasks here; encoder and seq2seq tasks in their modules)."""
     if task in ("pretrain", "sft"):
@@ -295,7 +277,7 @@ def builder(task: str) -> Callable[[TrainConfig, Dist], RunParts]:
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
-    keep_freed_memory()
+    memory.enter_phase("training")  # keep freed memory: the same activations come back every step
     d = init_distributed(cfg.run.distributed, cfg.run.device)
     try:
         if cfg.run.threads:  # else torch's default: every core
