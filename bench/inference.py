@@ -8,6 +8,8 @@ Copy-paste (from the repository root, after ``make install-test``):
     # slmkit at int8 against llama.cpp only, 4 threads, another GGUF
     .venv/bin/python bench/inference.py --engines slmkit,llama.cpp --quant int8 --threads 4 --model path/to/model.gguf
 
+    # --quant absent: slmkit.load's defaults (a GGUF runs in its own quantization: int4 for the Q4_1 file)
+
     # a smoke test that finishes in seconds (the figures mean nothing)
     .venv/bin/python bench/inference.py --prompt-tokens 16 --new-tokens 8 --batches 2 --repeats 1
 
@@ -78,9 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--name", default="smollm2-135m-instruct", help="registry model used when --model is absent")
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of: " + ", ".join(ENGINES))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--quant", choices=("none", "int8", "int4"), default="int4",
-                    help="slmkit weight quantization (default int4: 4-bit groups of 32 with a minimum, the form of "
-                         "the Q4_1 file llama.cpp runs)")
+    ap.add_argument("--quant", choices=("auto", "none", "int8", "int4"), default="auto",
+                    help="slmkit weight quantization (default auto: what a user gets, the file's own quantization "
+                         "-- int4 for the Q4_1 file llama.cpp runs)")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="prefill length")
     ap.add_argument("--new-tokens", type=int, default=256, help="tokens generated per stream")
     ap.add_argument("--batches", default="8,32", help="batch sizes for aggregate decode ('' for none)")
@@ -299,7 +301,7 @@ class SlmkitEngine:
             self.warnings.append(f"slmkit.load() does not accept quant= yet; ran unquantized, not {quant}")
             warn(self.warnings[-1])
             return slmkit.load(path, threads=threads), "quant n/a"
-        value = None if quant == "none" and params["quant"].default is None else quant
+        value = None if quant == "auto" else quant
         lm = slmkit.load(path, threads=threads, quant=value)
         return lm, getattr(lm.model, "quant", quant)  # what the model reports it runs, when it says
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def lm(smollm2_gguf):
-    return slmkit.load(smollm2_gguf)
+    return slmkit.load(smollm2_gguf, quant="none")
 
 
 def argmax(values):

@@ -26,7 +26,7 @@ N = 16
 
 @pytest.fixture(scope="module")
 def lm(smollm2_gguf):
-    return slmkit.load(smollm2_gguf)
+    return slmkit.load(smollm2_gguf, quant="none")
 
 
 @pytest.fixture(scope="module")
@@ -230,8 +230,18 @@ def test_cli_generate_chat(smollm2_gguf):
     assert "<|im_end|>" not in out
 
 
+def test_cli_generate_defaults_run_the_files_quantization(smollm2_gguf, lm, greedy, france_chat):
+    """With no flags the packaged Q4_1 file runs as int4 and answers as the float model does; --verbose says
+    which mode ran and how fast."""
+    rc, out, err = slm("generate", "--chat", FRANCE, "-m", str(smollm2_gguf), "--max-new-tokens", "24", "--verbose")
+    assert rc == 0, err
+    assert out == greedy(france_chat).text + "\n" == "The capital of France is Paris.\n"
+    report = err.strip().splitlines()[-1]
+    assert "(int4," in report and "decode" in report and "tok/s" in report, err
+
+
 def test_cli_chat_session(smollm2_gguf, lm, greedy, france_chat):
-    rc, out, err = slm("chat", "-m", str(smollm2_gguf), "--max-new-tokens", str(N),
+    rc, out, err = slm("chat", "-m", str(smollm2_gguf), "--max-new-tokens", str(N), "--quant", "none",
                        stdin=f"{FRANCE}\n/reset\nHello\n/exit\nignored\n")
     assert rc == 0, err
     assert "Traceback" not in err

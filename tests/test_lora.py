@@ -254,7 +254,7 @@ def test_bad_adapter_folders(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_adapter_in_peft(smollm2_gguf, tmp_path):
-    lm = slmkit.load(smollm2_gguf)
+    lm = slmkit.load(smollm2_gguf, quant="none")
     hf_dir = lm.save(tmp_path / "smollm2")
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     torch.manual_seed(0)  # A's init: the same adapter on every run

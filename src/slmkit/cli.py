@@ -27,8 +27,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                                                   f"(default {DEFAULT_MODEL})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
-                   help="compact weights for fast CPU decoding (default none)")
+    p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weights: auto (default) runs a GGUF in its own quantization (Q4_* -> int4, Q8_0 -> int8, "
+                        "float files and HF folders as float), none = float, int8/int4 = compact")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -66,16 +67,34 @@ def _write(text: str) -> None:
 
 
 def cmd_generate(args) -> int:
+    import time
+
     sampling = _sampling(args)
+    start = time.perf_counter()
     lm = _load(args)
-    if args.chat:
-        pieces = lm.chat([{"role": "user", "content": args.prompt}], stream=True, **sampling)
-    else:
-        pieces = lm.stream(args.prompt, **sampling)
-    for piece in pieces:
-        _write(piece)
+    loaded = time.perf_counter()
+    ids = lm.prompt_ids(args.prompt, chat=args.chat)
+    first = done = None
+    for event in lm.events(ids, **sampling):
+        if first is None:
+            first = time.perf_counter()
+        _write(event.delta)
+        done = event.done or done
     _write("\n")
+    if args.verbose and done is not None:
+        end = time.perf_counter()
+        new = len(done.token_ids)
+        rate = f"{(new - 1) / (end - first):.1f} tok/s" if new > 1 and end > first else "n/a"
+        print(f"slm: {lm.source} ({lm.info()['quantization']}, {torch_threads()} threads): loaded in "
+              f"{loaded - start:.2f} s; prompt {done.prompt_tokens} tokens, first token after "
+              f"{(first - loaded) * 1000:.0f} ms; {new} tokens generated, decode {rate}", file=sys.stderr)
     return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def cmd_chat(args) -> int:
@@ -138,7 +157,7 @@ def cmd_info(args) -> int:
 def cmd_quantize(args) -> int:
     from .api import load
 
-    lm = load(args.model)
+    lm = load(args.model, quant="none")
     out = lm.save_compact(args.output, args.quant)
     print(f"wrote {args.quant} checkpoint to {out}", file=sys.stderr)
     return 0
@@ -226,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p, max_new_tokens=128)
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message via the chat template")
+    p.add_argument("--verbose", action="store_true",
+                   help="then report the mode, load time, time to first token and decode speed on stderr")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="describe a model")

@@ -4,6 +4,9 @@
 "group_size": 32}``; tensors use slmkit's key names: ``<linear>.weight_int8`` + ``.scale`` (int8),
 ``<linear>.codes`` (two 4-bit codes per byte, low nibble first) + ``.scale`` + ``.minimum`` (int4),
 norms and biases as they are. Written by ``slm quantize``; read by ``slmkit.load``.
+
+Loading a GGUF compact, int4 takes Q4_1 tensors as the file stores them (``<linear>.codes_blocked``, the
+kernels' layout, in memory only): the same values llama.cpp multiplies, and no dequantize / requantize pass.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from ..models.build import skeleton
 from ..models.compact import fuse
 from ..models.decoder import Decoder
 from ..nn.rope import interleave_permutation, inv_frequencies
-from ..nn.quant import INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear, check_mode, quantize_int4, quantize_int8
+from ..nn.quant import (INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear, check_mode, natural_layout, quantize_int4,
+                        quantize_int8)
 from .hf import write_hf
 
 QUANT_METHOD = "slmkit"
@@ -100,15 +104,25 @@ def _compact_state(cfg: ModelConfig, weights, mode: str) -> dict[str, torch.Tens
         t = weights[key].float()
         return _interleaved(key, t, cfg) if interleave else t
 
+    def stored_groups(key: str):
+        """A weight kept in the file's own 4-bit groups (GGUF Q4_1 is int4's form exactly), or None."""
+        groups = weights.q4_1_groups(key) if hasattr(weights, "q4_1_groups") else None
+        return None if groups is None else [_interleaved(key, t, cfg) if interleave else t for t in groups]
+
     state: dict[str, torch.Tensor] = {}
     for name, parts in _fused_linears(cfg):
-        w = torch.cat([fetch(f"{p}.weight") for p in parts])
-        if mode == "int8":
-            state[f"{name}.weight_int8"], state[f"{name}.scale"] = quantize_int8(w)
+        stored = [stored_groups(f"{p}.weight") for p in parts] if mode == "int4" else [None]
+        if all(g is not None for g in stored):  # as the file has them: no dequantize / requantize round trip
+            codes, scale, minimum = (torch.cat(column) for column in zip(*stored))
+            state[f"{name}.codes_blocked"], state[f"{name}.scale"], state[f"{name}.minimum"] = codes, scale, minimum
         else:
-            codes, state[f"{name}.scale"], state[f"{name}.minimum"] = quantize_int4(w)
-            state[f"{name}.codes"] = _pack_nibbles(codes)
-        del w
+            w = torch.cat([fetch(f"{p}.weight") for p in parts])
+            if mode == "int8":
+                state[f"{name}.weight_int8"], state[f"{name}.scale"] = quantize_int8(w)
+            else:
+                codes, state[f"{name}.scale"], state[f"{name}.minimum"] = quantize_int4(w)
+                state[f"{name}.codes"] = _pack_nibbles(codes)
+            del w
         if f"{parts[0]}.bias" in weights:
             state[f"{name}.bias"] = torch.cat([fetch(f"{p}.bias") for p in parts])
     # one int8 table for the embedding, and for the head when tied
@@ -126,6 +140,8 @@ def _compact_state(cfg: ModelConfig, weights, mode: str) -> dict[str, torch.Tens
 def write_compact(folder: str | Path, cfg: ModelConfig, weights, tokenizer, mode: str,
                   source: str = "checkpoint") -> Path:
     state = compact_state(cfg, weights, mode, source)
+    for key in [k for k in state if k.endswith(".codes_blocked")]:  # the checkpoint keeps one code layout
+        state[key.replace(".codes_blocked", ".codes")] = _pack_nibbles(natural_layout(state.pop(key)))
     extra = {"quantization_config": {"quant_method": QUANT_METHOD, "mode": mode, "group_size": INT4_GROUP,
                                      "rope_layout": "interleaved" if can_interleave_rope(cfg) else "half"}}
     return write_hf(folder, cfg, state, tokenizer, raw_state=True, extra_config=extra)
@@ -151,6 +167,9 @@ def build_compact(cfg: ModelConfig, state: dict[str, torch.Tensor], mode: str, d
             bias = state.pop(f"{name}.bias", None)
             if mode == "int8":
                 new = Int8Linear(state.pop(f"{name}.weight_int8"), state.pop(f"{name}.scale").float(), bias)
+            elif f"{name}.codes_blocked" in state:  # straight from a Q4_1 file (compact_state)
+                new = Int4Linear.from_blocked(state.pop(f"{name}.codes_blocked"), state.pop(f"{name}.scale"),
+                                              state.pop(f"{name}.minimum"), bias)
             else:
                 codes = _unpack_nibbles(state.pop(f"{name}.codes"))
                 new = Int4Linear(codes, state.pop(f"{name}.scale"), state.pop(f"{name}.minimum"), bias)

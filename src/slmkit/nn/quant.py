@@ -204,22 +204,46 @@ class Int8Linear(CompactLinear):
         return out.scatter(1, cols, exact.to(out.dtype)).reshape(logits.shape)
 
 
+def block_layout(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (0..15) -> [N, K/2] bytes in groups of 32: byte i of a group = code i | code i+16 << 4."""
+    blocks = codes.to(torch.uint8).reshape(codes.shape[0], -1, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(codes.shape[0], -1)
+
+
+def natural_layout(codes_blocked: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`block_layout`: [N, K/2] bytes -> codes [N, K]."""
+    n = codes_blocked.shape[0]
+    halves = codes_blocked.reshape(n, -1, 16)
+    return torch.stack((halves & 15, halves >> 4), dim=2).reshape(n, -1)
+
+
 class Int4Linear(CompactLinear):
     """4-bit weights in groups of 32 (slmkit's kernel: ``kernels/int4_linear.cpp``): codes two per byte in the
     kernel's block layout (byte i of a group = code i | code i+16 << 4), float16 scale and minimum."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None,
                  group: int = INT4_GROUP):
-        super().__init__()
-        self.out_features, self.in_features = codes.shape
-        if group != INT4_GROUP or self.in_features % group:
+        """``codes`` [N, K] in 0..15 (one per weight)."""
+        if group != INT4_GROUP or codes.shape[1] % group:
             raise UnsupportedError(f"int4 needs groups of {INT4_GROUP} and in_features divisible by {INT4_GROUP}, "
                                    f"got group {group} and shape {tuple(codes.shape)}")
-        self.group = group
+        super().__init__()
+        self._hold(block_layout(codes), scale, minimum, bias)
+
+    @classmethod
+    def from_blocked(cls, codes_blocked: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                     bias: torch.Tensor | None) -> "Int4Linear":
+        """From codes already in the block layout ([N, K/2] uint8; GGUF Q4_1 stores its codes this way)."""
+        layer = cls.__new__(cls)
+        CompactLinear.__init__(layer)
+        layer._hold(codes_blocked, scale, minimum, bias)
+        return layer
+
+    def _hold(self, codes_blocked, scale, minimum, bias) -> None:
+        self.out_features, self.in_features = codes_blocked.shape[0], codes_blocked.shape[1] * 2
+        self.group = INT4_GROUP
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-        blocks = codes.to(torch.uint8).reshape(self.out_features, -1, 2, 16)
-        packed = blocks[:, :, 0] | (blocks[:, :, 1] << 4)
-        self.register_buffer("codes_blocked", packed.reshape(self.out_features, -1).contiguous())
+        self.register_buffer("codes_blocked", codes_blocked.contiguous())
         self.register_buffer("scale_f16", scale.to(torch.float16).contiguous())
         self.register_buffer("minimum_f16", minimum.to(torch.float16).contiguous())
         ops = kernels.load()
@@ -231,8 +255,7 @@ class Int4Linear(CompactLinear):
         if ops is not None:
             return ops.int4_dequantize(codes, scale, minimum, dtype)
         n = codes.shape[0]
-        halves = codes.reshape(n, -1, 16)
-        groups = torch.stack((halves & 15, halves >> 4), dim=2).reshape(n, -1, 32).float()  # [N, K/32, 32]
+        groups = natural_layout(codes).reshape(n, -1, 32).float()  # [N, K/32, 32]
         w = groups * scale.float()[..., None] + minimum.float()[..., None]
         return w.reshape(n, self.in_features).to(dtype)
 

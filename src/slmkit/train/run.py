@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,7 @@ from torch import nn
 from .. import memory
 from ..config import ModelConfig
 from ..errors import SlmError
+from ..formats.gguf_model import FLOAT_TYPES
 from ..models.decoder import Decoder
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
@@ -182,9 +184,17 @@ def _scratch_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[Decoder, Mod
 def _load_model(cfg: TrainConfig):
     from ..api import load
 
-    lm = load(cfg.model.init)
-    if lm.model.quant != "none":
-        raise SlmError(f"{cfg.model.init}: a compact (quantized) checkpoint cannot be trained; use the float one")
+    try:
+        lm = load(cfg.model.init, quant="none")  # training takes float weights, also from a quantized GGUF
+    except SlmError as e:
+        if "already a compact" in str(e):
+            raise SlmError(f"{cfg.model.init}: a compact (quantized) checkpoint cannot be trained; use the float "
+                           "one") from None
+        raise
+    stored = {kind for name, kind in lm.tensor_types.items() if name.startswith("blk.")} - set(FLOAT_TYPES)
+    if stored:
+        print(f"slmkit: training takes the float weights of {cfg.model.init} (stored as {', '.join(sorted(stored))}; "
+              "dequantized)", file=sys.stderr)
     return lm.model.train(), lm.model.cfg, lm.tokenizer
 
 
