@@ -75,7 +75,9 @@ def post(base, path, body, key=KEY, raw=None):
 
 
 def test_models_and_greedy_completion_match_the_library(client, lm):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    listed = client.models.list().data
+    assert [m.id for m in listed] == [MODEL]
+    assert listed[0].model_extra["quantization"] == lm.model.quant == "int4"  # the file's own Q4_1
     out = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=12,
                                     temperature=0)
     assert out.choices[0].text == lm.generate("The capital of France is", max_new_tokens=12)
@@ -178,22 +180,49 @@ def test_a_client_that_leaves_has_its_sequence_cancelled(server, client):
     assert metric(server, "slmkit_cancelled_sequences_total") == cancelled + 1
 
 
-def test_a_full_queue_answers_503_with_retry_after(server):
-    """max batch 8, max queue 0: of 12 long requests at once, 8 run and the others are turned away."""
+def test_a_full_queue_answers_503_with_retry_after(lm):
+    """max batch 8, max queue 0, the engine held: of 12 requests 8 are taken (they wait for the engine) and 4
+    are turned away at once; released, the 8 complete."""
     import concurrent.futures
+    import threading
+
+    import uvicorn
+
+    from slmkit.serve.app import create_app
+
+    app = create_app(lm, model_id=MODEL, api_key=KEY, max_batch=8, max_queue=0)
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while not web.started and time.time() < deadline:
+        time.sleep(0.05)
+    batcher = app.state.server.batcher
 
     def one(_):
-        req = urllib.request.Request(server + "/v1/completions", method="POST", data=json.dumps(
-            {"model": MODEL, "prompt": "Count: 1, 2,", "max_tokens": 48, "ignore_eos": True}).encode(),
+        req = urllib.request.Request(base + "/v1/completions", method="POST", data=json.dumps(
+            {"model": MODEL, "prompt": "Count: 1, 2,", "max_tokens": 8, "ignore_eos": True}).encode(),
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
         try:
-            with urllib.request.urlopen(req, timeout=300) as r:
+            with urllib.request.urlopen(req, timeout=120) as r:
                 return r.status, None
         except urllib.error.HTTPError as e:
             return e.code, (e.headers.get("Retry-After"), json.loads(e.read())["error"]["message"])
 
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(one, range(12)))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            with batcher.hold():
+                futures = [pool.submit(one, i) for i in range(12)]
+                deadline = time.time() + 60
+                while sum(f.done() for f in futures) < 4 and time.time() < deadline:
+                    time.sleep(0.05)
+                assert batcher.queued == 8 and batcher.active == 0  # nothing ran while held
+            results = [f.result() for f in futures]
+    finally:
+        web.should_exit = True
+        thread.join(30)
+    assert sorted(code for code, _ in results) == [200] * 8 + [503] * 4
     busy = [r for r in results if r[0] == 503]
-    assert len([r for r in results if r[0] == 200]) >= 8 and busy
     assert all(retry == "1" and "queue is full" in message for _, (retry, message) in busy)

@@ -27,6 +27,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                                                   f"(default {DEFAULT_MODEL})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    _add_quant_arg(p)
+
+
+def _add_quant_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4"],
                    help="weights: auto (default) runs a GGUF in its own quantization (Q4_* -> int4, Q8_0 -> int8, "
                         "float files and HF folders as float), none = float, int8/int4 = compact")
@@ -274,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
+    _add_quant_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
@@ -287,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", default=None, help="the name clients use in 'model' (default: MODEL as given)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
+    _add_quant_arg(p)
     p.set_defaults(func=cmd_serve)
 
     for name, help_text in (("pretrain", "train a model (from scratch or further) on a text corpus"),

@@ -9,6 +9,7 @@ contiguous, and the cache is released when nothing runs.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections import deque
@@ -132,6 +133,7 @@ class Batcher:
         self.jobs: deque[tuple[Callable, Callable]] = deque()  # other model work (scoring), run between steps
         self.lock = threading.Condition()
         self.stopped = False
+        self.held = False  # hold(): nothing starts while set
         self.thread: threading.Thread | None = None
         self.steps = 0
 
@@ -156,6 +158,19 @@ class Batcher:
             self.waiting.append(seq)
             self.lock.notify_all()
 
+    @contextlib.contextmanager
+    def hold(self):
+        """Start nothing new inside this block: submitted sequences and jobs wait, running ones finish their
+        current step and then wait too (tests fill the queue this way instead of racing the engine)."""
+        with self.lock:
+            self.held = True
+        try:
+            yield self
+        finally:
+            with self.lock:
+                self.held = False
+                self.lock.notify_all()
+
     def run_job(self, fn: Callable, done: Callable) -> None:
         """Run ``fn()`` on the engine thread between decode steps; ``done(result_or_exception)`` after."""
         with self.lock:
@@ -175,7 +190,7 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self.lock:
-                while not self.stopped and not self.waiting and not self.running and not self.jobs:
+                while not self.stopped and (self.held or not (self.waiting or self.running or self.jobs)):
                     self.lock.wait()
                 if self.stopped:
                     return

@@ -95,6 +95,7 @@ class Server:
         self.batcher = Batcher(lm.model, lm.tokenizer, lm.eos_ids, max_batch, max_queue)
         self.stats = Stats()
         self.created = int(time.time())
+        self.quantization = lm.model.quant
 
     # ------------------------------------------------------------- helpers
     def check_model(self, name: str) -> None:
@@ -266,7 +267,8 @@ def create_app(lm, model_id: str | None = None, api_key: str | None = None, max_
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
-                                            "owned_by": "slmkit", "max_model_len": server.context}]}
+                                            "owned_by": "slmkit", "max_model_len": server.context,
+                                            "quantization": server.quantization}]}
 
     @app.get("/metrics")
     async def metrics():
