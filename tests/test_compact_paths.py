@@ -97,6 +97,18 @@ def test_dense_path_matches_its_arithmetic(layer_inputs):
         assert bool(((got - exact).abs() <= bound).all()), name
 
 
+@pytest.mark.skipif(ops is None or not ops.cpu_has_avx512(), reason="needs slmkit's kernels on an AVX-512 CPU")
+def test_dense_weights_are_the_same_bits_on_every_kernel_path(layer_inputs):
+    """The dense path's weight expansion (kernels/dequantize.cpp) has an AVX-512 and an AVX2 form: one result."""
+    for name, (layer, _) in layer_inputs.items():
+        for dtype in (torch.bfloat16, torch.float32):
+            with compact_path("avx512"):
+                wide = layer.dense_weight(slice(None), dtype)
+            with compact_path("avx2"):
+                narrow = layer.dense_weight(slice(None), dtype)
+            assert torch.equal(wide, narrow), f"{name} {dtype}"
+
+
 def perplexity(lm, windows) -> float:
     total = 0.0
     for ids in windows:

@@ -23,6 +23,10 @@
 #include "fused.h"
 #include "linear.h"
 
+torch::Tensor int4_dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor minimum,
+                              at::ScalarType dtype);                                    // dequantize.cpp
+torch::Tensor int8_dequantize(torch::Tensor weight, torch::Tensor scale, at::ScalarType dtype);  // dequantize.cpp
+
 namespace {
 
 // A quantized linear layer as the Python side hands it over: [int8 weight, float32 scale (, bias)] or
@@ -54,8 +58,13 @@ struct QuantLinear {
     TORCH_CHECK(!bias.defined() || (bias.scalar_type() == torch::kFloat && bias.numel() == n), "bias: float32 [N]");
   }
 
-  void apply(const float* x, int64_t m, float* y) const {
-    if (int4) {
+  // y = x @ W.T (+ bias) for m rows: from `dense_rows` rows on, slmkit.nn.quant's dense path (the weight
+  // expanded to bfloat16, a bf16 matmul with float32 sums rounded to bf16: oneDNN's where `native_bf16`, else
+  // the same steps in float32), else the block kernels -- the choice and arithmetic of CompactLinear.forward.
+  void apply(const float* x, int64_t m, float* y, int64_t dense_rows, bool native_bf16) const {
+    if (m >= dense_rows) {
+      dense(x, m, y, native_bf16);
+    } else if (int4) {
       slmkit::int4_matmul(x, m, k, weight.data_ptr<uint8_t>(),
                           reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>()),
                           reinterpret_cast<const uint16_t*>(minimum.data_ptr<at::Half>()), n, y);
@@ -63,10 +72,19 @@ struct QuantLinear {
       slmkit::int8_matmul(x, m, k, weight.data_ptr<int8_t>(), scale.data_ptr<float>(), n, y);
     }
     if (bias.defined()) {
-      const float* bp = bias.data_ptr<float>();
+      const float* bp = bias.data_ptr<float>();  // added in float32 after the product, as the eager layer does
       for (int64_t r = 0; r < m; ++r)
         for (int64_t j = 0; j < n; ++j) y[r * n + j] += bp[j];
     }
+  }
+
+ private:
+  void dense(const float* x, int64_t m, float* y, bool native_bf16) const {
+    const auto w = int4 ? int4_dequantize(weight, scale, minimum, torch::kBFloat16)
+                        : int8_dequantize(weight, scale, torch::kBFloat16);
+    const auto xb = torch::from_blob(const_cast<float*>(x), {m, k}, torch::kFloat).to(torch::kBFloat16);
+    const auto product = native_bf16 ? at::linear(xb, w) : at::linear(xb.to(torch::kFloat), w.to(torch::kFloat)).to(torch::kBFloat16);
+    torch::from_blob(y, {m, n}, torch::kFloat).copy_(product);
   }
 };
 
@@ -76,10 +94,12 @@ class DecodeLayer {
  public:
   DecodeLayer(torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps, std::vector<torch::Tensor> qkv,
               std::vector<torch::Tensor> o, std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down,
-              int64_t heads, int64_t kv_heads, int64_t head_dim, torch::Tensor inv_freq, double scale)
+              int64_t heads, int64_t kv_heads, int64_t head_dim, torch::Tensor inv_freq, double scale,
+              bool native_bf16)
       : attn_norm_(attn_norm), ffn_norm_(ffn_norm), eps_(static_cast<float>(eps)), qkv_(qkv), o_(o),
         gate_up_(gate_up), down_(down), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim),
-        inv_freq_(inv_freq.contiguous()), scale_(static_cast<float>(scale)) {
+        inv_freq_(inv_freq.contiguous()), scale_(static_cast<float>(scale)),
+        native_bf16_(native_bf16) {
     dim_ = attn_norm.numel();
     hidden_ = gate_up_.n / 2;
     TORCH_CHECK(attn_norm.scalar_type() == torch::kFloat && ffn_norm.scalar_type() == torch::kFloat,
@@ -94,9 +114,10 @@ class DecodeLayer {
 
   // x [B, D] float32; positions [B] int64 (RoPE); keys / values: the layer's whole cache [rows, KV, slots, Dh]
   // (row r of the batch is cache row r); slots [B] int64: where each row's new key/value goes; the
-  // attention covers slots 0 .. span-1, minus those `valid` [B, span] marks false. Returns the new x.
+  // attention covers slots 0 .. span-1, minus those `valid` [B, span] marks false. The linears take the dense
+  // path from `dense_rows` rows on (QuantLinear::apply). Returns the new x.
   torch::Tensor forward(torch::Tensor x, torch::Tensor positions, torch::Tensor keys, torch::Tensor values,
-                        torch::Tensor slots, int64_t span, c10::optional<torch::Tensor> valid) {
+                        torch::Tensor slots, int64_t span, c10::optional<torch::Tensor> valid, int64_t dense_rows) {
     TORCH_CHECK(x.is_cpu() && keys.is_cpu() && values.is_cpu() && positions.is_cpu() && slots.is_cpu(),
                 "DecodeLayer runs on the CPU: x, positions, keys, values and slots must be CPU tensors");
     TORCH_CHECK(x.dim() == 2 && x.size(1) == dim_ && x.scalar_type() == torch::kFloat && x.is_contiguous(),
@@ -138,7 +159,7 @@ class DecodeLayer {
     const float* xp = x.data_ptr<float>();
 
     slmkit::rms_norm_rows(xp, b, dim_, attn_norm_.data_ptr<float>(), eps_, h);
-    qkv_.apply(h, b, qkv);
+    qkv_.apply(h, b, qkv, dense_rows, native_bf16_);
     rope(qkv, b, qkv_width, pos);
     for (int64_t r = 0; r < b; ++r) std::copy_n(qkv + r * qkv_width, q_width, q + r * q_width);
     if (half) {
@@ -157,13 +178,13 @@ class DecodeLayer {
                                  scale_, attn);
     }
 
-    o_.apply(attn, b, y);  // y = o(attn), then the residual
+    o_.apply(attn, b, y, dense_rows, native_bf16_);  // y = o(attn), then the residual
     for (int64_t i = 0; i < b * dim_; ++i) y[i] += xp[i];
 
     slmkit::rms_norm_rows(y, b, dim_, ffn_norm_.data_ptr<float>(), eps_, h);
-    gate_up_.apply(h, b, gu);
+    gate_up_.apply(h, b, gu, dense_rows, native_bf16_);
     slmkit::silu_mul_rows(gu, b, hidden_, act);
-    down_.apply(act, b, h);
+    down_.apply(act, b, h, dense_rows, native_bf16_);
     for (int64_t i = 0; i < b * dim_; ++i) y[i] += h[i];
     return out;
   }
@@ -222,18 +243,19 @@ class DecodeLayer {
   int64_t heads_, kv_heads_, head_dim_, dim_ = 0, hidden_ = 0;
   torch::Tensor inv_freq_;
   float scale_;
+  bool native_bf16_;
 };
 
 void bind_decode_layer(py::module_& mod) {
   py::class_<DecodeLayer>(mod, "DecodeLayer")
       .def(py::init<torch::Tensor, torch::Tensor, double, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                     std::vector<torch::Tensor>, std::vector<torch::Tensor>, int64_t, int64_t, int64_t, torch::Tensor,
-                    double>(),
+                    double, bool>(),
            py::arg("attn_norm"), py::arg("ffn_norm"), py::arg("eps"), py::arg("qkv"), py::arg("o"),
            py::arg("gate_up"), py::arg("down"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
-           py::arg("inv_freq"), py::arg("scale"))
+           py::arg("inv_freq"), py::arg("scale"), py::arg("native_bf16"))
       .def("forward", &DecodeLayer::forward, py::arg("x"), py::arg("positions"), py::arg("keys"), py::arg("values"),
-           py::arg("slots"), py::arg("span"), py::arg("valid"),
+           py::arg("slots"), py::arg("span"), py::arg("valid"), py::arg("dense_rows"),
            "one decoder layer for one new token per row; writes the new key/value into the cache",
            py::call_guard<py::gil_scoped_release>());  // a server's HTTP thread runs meanwhile
 }

@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "avx512.h"
+
 namespace {
 
 // 8 floats to bfloat16, rounded to nearest even (as torch's cast; weights are finite, so NaN needs no care).
@@ -32,8 +34,62 @@ inline void store8(__m256 v, uint16_t* out) { _mm_storeu_si128(reinterpret_cast<
 // 8 unsigned bytes (the low 8 of b) as floats.
 inline __m256 bytes_to_float(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
 
+// ---- AVX-512 (avx512.h): 16 values per instruction, the same roundings (a bf16 expansion is most of a dense
+// layer's time at a few dozen rows: batched decoding, the output head).
+
+// 16 floats to bfloat16, rounded to nearest even as to_bf16 does.
+SLMKIT_AVX512 inline void store16(__m512 v, uint16_t* out) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(rounded));
+}
+
+SLMKIT_AVX512 inline void store16(__m512 v, float* out) { _mm512_storeu_ps(out, v); }
+
+// One weight row (the parallel loops call these: a lambda does not inherit the target attribute).
+template <typename Out>
+SLMKIT_AVX512 void int4_row_512(const uint8_t* codes, const uint16_t* scale, const uint16_t* minimum, int64_t k,
+                                Out* out) {
+  const __m128i low = _mm_set1_epi8(0x0F);
+  for (int64_t g = 0; g < k / 32; ++g) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + g * 16));
+    const __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+    const __m512 s = _mm512_set1_ps(_cvtsh_ss(scale[g])), m = _mm512_set1_ps(_cvtsh_ss(minimum[g]));
+    store16(_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), s, m), out + g * 32);
+    store16(_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s, m), out + g * 32 + 16);
+  }
+}
+
+template <typename Out>
+SLMKIT_AVX512 void int8_row_512(const int8_t* weight, float scale, int64_t k, Out* out) {
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t c = 0; c < k; c += 16) {  // k is a multiple of 32 (int8_linear's requirement)
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(weight + c));
+    store16(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), s), out + c);
+  }
+}
+
+template <typename Out>
+void int4_rows_512(const uint8_t* codes, const uint16_t* scale, const uint16_t* minimum, int64_t n, int64_t k,
+                   Out* out) {
+  const int64_t groups = k / 32;
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      int4_row_512(codes + r * (k / 2), scale + r * groups, minimum + r * groups, k, out + r * k);
+  });
+}
+
+template <typename Out>
+void int8_rows_512(const int8_t* weight, const float* scale, int64_t n, int64_t k, Out* out) {
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) int8_row_512(weight + r * k, scale[r], k, out + r * k);
+  });
+}
+
 template <typename Out>
 void int4_rows(const uint8_t* codes, const uint16_t* scale, const uint16_t* minimum, int64_t n, int64_t k, Out* out) {
+  if (slmkit::use_avx512()) return int4_rows_512(codes, scale, minimum, n, k, out);
   const int64_t groups = k / 32;
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
     const __m128i low = _mm_set1_epi8(0x0F);
@@ -54,6 +110,7 @@ void int4_rows(const uint8_t* codes, const uint16_t* scale, const uint16_t* mini
 
 template <typename Out>
 void int8_rows(const int8_t* weight, const float* scale, int64_t n, int64_t k, Out* out) {
+  if (slmkit::use_avx512()) return int8_rows_512(weight, scale, n, k, out);
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const __m256 s = _mm256_set1_ps(scale[r]);

@@ -34,6 +34,27 @@ inline float dot(const float* a, const T* b, int64_t d) {
   return total;
 }
 
+// The eight horizontal sums of v[0..7] in one vector (lane i = sum of v[i]), by a transposing add tree.
+inline __m256 sum_each8(const __m256* v) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // halves: lanes 0-3, lanes 4-7
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// scores[s] = q . key_s for 8 consecutive slots (d a multiple of 8): eight independent accumulators, so
+// the FMAs overlap instead of waiting on one chain, and one transposing reduction for all eight.
+template <typename T>
+inline __m256 dot8(const float* q, const T* k0, int64_t stride, int64_t d) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < d; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, load8(k0 + j * stride + i), acc[j]);
+  }
+  return sum_each8(acc);
+}
+
 // y[i] += p * x[i] over d elements.
 template <typename T>
 inline void axpy(float p, const T* x, float* y, int64_t d) {
@@ -124,11 +145,18 @@ void attend_rows(const float* qp, int64_t b, int64_t h, int64_t d, CacheView<T> 
       const T* kb = k.base + row * k.stride_row + kvh * k.stride_head;
       const T* vb = v.base + row * v.stride_row + kvh * v.stride_head;
       const bool* valid = vp ? vp + row * length : nullptr;
-      for (int64_t s = 0; s < length; ++s) {
-        const bool seen = !valid || valid[s];
-        for (int64_t g = 0; g < group; ++g)
-          scores[g * length + s] = seen ? dot(q0 + g * d, kb + s * k.stride_slot, d) * sc : -INFINITY;
-      }
+      int64_t s = 0;
+      if (d % 8 == 0)
+        for (; s + 8 <= length; s += 8)
+          for (int64_t g = 0; g < group; ++g)
+            _mm256_storeu_ps(scores.data() + g * length + s,
+                             _mm256_mul_ps(dot8(q0 + g * d, kb + s * k.stride_slot, k.stride_slot, d), _mm256_set1_ps(sc)));
+      for (; s < length; ++s)
+        for (int64_t g = 0; g < group; ++g) scores[g * length + s] = dot(q0 + g * d, kb + s * k.stride_slot, d) * sc;
+      if (valid)
+        for (int64_t t = 0; t < length; ++t)
+          if (!valid[t])
+            for (int64_t g = 0; g < group; ++g) scores[g * length + t] = -INFINITY;
       for (int64_t g = 0; g < group; ++g) {
         float* p = scores.data() + g * length;
         float top = -INFINITY;

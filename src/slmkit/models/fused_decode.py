@@ -13,7 +13,7 @@ import torch
 
 from .. import kernels
 from ..nn.norms import RMSNorm
-from ..nn.quant import Int4Linear, Int8Linear
+from ..nn.quant import Int4Linear, Int8Linear, dense_rows, fast_bf16
 
 
 def _linear_parts(linear) -> list[torch.Tensor] | None:
@@ -49,7 +49,7 @@ def build(model) -> list | None:
             return None
         layers.append(ops.DecodeLayer(layer.attn_norm.weight.detach(), layer.ffn_norm.weight.detach(),
                                       layer.attn_norm.eps, *parts, attn.n_heads, attn.n_kv_heads, attn.head_dim,
-                                      model.inv_freq.float().contiguous(), attn.scale))
+                                      model.inv_freq.float().contiguous(), attn.scale, fast_bf16()))
     return layers
 
 
@@ -61,6 +61,7 @@ def decode(layers: list, x: torch.Tensor, positions: torch.Tensor, cache, start:
     valid = None if mask is None else mask.reshape(b, span)
     pos = positions.reshape(b).contiguous()
     h = x.reshape(b, -1).contiguous()
+    dense_from = dense_rows()
     for layer, k, v in zip(layers, keys, values):
-        h = layer.forward(h, pos, k, v, slots, span, valid)
+        h = layer.forward(h, pos, k, v, slots, span, valid, dense_from)
     return h.reshape(b, 1, -1)

@@ -61,6 +61,12 @@ def block_kernels_forced_off() -> bool:
     return _forced_path in ("torch", "dense")
 
 
+def dense_rows() -> int:
+    """Rows from which a compact layer takes the dense path now (for the fused decode layer, which chooses
+    as CompactLinear.path does): DENSE_ROWS, or never while a block-kernel path is forced."""
+    return DENSE_ROWS if _forced_path == "auto" else 2 ** 62
+
+
 @contextlib.contextmanager
 def compact_path(path: str):
     """``with compact_path("avx2"): ...`` -- :func:`set_compact_path` for a block of code."""
