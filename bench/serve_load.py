@@ -1,10 +1,14 @@
 """Load on a real `slm serve` process: concurrency, memory, and a soak with disconnecting clients.
 
-    python bench/serve_load.py [--model smollm2-135m-instruct] [--quant int8] [--clients 32] [--soak 500]
+    python bench/serve_load.py [--model smollm2-135m-instruct] [--quant auto] [--clients 32] [--soak 500]
 
+0. The engine without the server, in a fresh process: the same Batcher the server runs, on the thread that
+   loaded the model, one sequence and then ``--clients`` at once (the baseline the server must keep up with).
 1. One streaming client, 64 tokens (``ignore_eos``): its tokens/s.
 2. ``--clients`` streaming clients at once, 64 tokens each: all must finish; aggregate tokens/s and the
    ratio to one client; the server's RSS before and after (after the burst and a short idle).
+   Rates are measured alike on both sides: one stream's rate over its decode phase (first to last token),
+   the aggregate as all tokens over the wall time from sending the requests to the last token.
 3. ``--soak`` requests with random parameters (completions and chat, streamed or not, temperature,
    top_p, n, stop, max_tokens) from 16 workers, 20 % of them disconnecting mid-stream:
    the server must stay up, every completed answer must be well-formed, and /metrics must show 0
@@ -17,6 +21,8 @@ import argparse
 import asyncio
 import json
 import random
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -38,22 +44,23 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def stream_tokens(client: httpx.AsyncClient, prompt: str, tokens: int, disconnect_after: int | None = None,
-                        **extra) -> int:
-    """Stream a completion; return how many text chunks arrived (stop early to disconnect)."""
+async def stream_tokens(client: httpx.AsyncClient, prompt: str, tokens: int, **extra) -> list[float]:
+    """Stream a completion; return the arrival time of each text chunk (one per token)."""
     body = {"model": MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, **extra}
-    chunks = 0
+    stamps = []
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                obj = json.loads(line[6:])
-                if obj["choices"]:
-                    chunks += 1
-                if disconnect_after is not None and chunks >= disconnect_after:
-                    return chunks  # leaving the block closes the connection mid-stream
-    return chunks
+                if json.loads(line[6:])["choices"]:
+                    stamps.append(time.perf_counter())
+    return stamps
+
+
+def stream_rate(stamps: list[float]) -> float:
+    """Tokens 2..N over the time from the first token to the last: the decode phase of one stream."""
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
 PROMPTS = ["Once upon a time", "The history of the Roman empire", "def quicksort(xs):",
@@ -63,16 +70,60 @@ PROMPTS = ["Once upon a time", "The history of the Roman empire", "def quicksort
 async def concurrency(base: str, clients: int, tokens: int) -> dict:
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
         await stream_tokens(client, "Warm up", 8)
-        t = time.perf_counter()
-        await stream_tokens(client, PROMPTS[0], tokens)
-        single = tokens / (time.perf_counter() - t)
+        single = stream_rate(await stream_tokens(client, PROMPTS[0], tokens))
         t = time.perf_counter()
         results = await asyncio.gather(*(stream_tokens(client, PROMPTS[i % len(PROMPTS)], tokens)
                                          for i in range(clients)), return_exceptions=True)
-        wall = time.perf_counter() - t
     errors = [r for r in results if isinstance(r, Exception)]
-    return {"single_tok_s": single, "clients": clients, "errors": len(errors), "aggregate_tok_s": clients * tokens / wall,
-            "ratio": clients * tokens / wall / single, "wall_s": wall}
+    streams = [r for r in results if not isinstance(r, Exception)]
+    wall = max(s[-1] for s in streams) - t
+    aggregate = sum(len(s) for s in streams) / wall
+    return {"single_tok_s": single, "clients": clients, "errors": len(errors), "aggregate_tok_s": aggregate,
+            "ratio": aggregate / single, "wall_s": wall}
+
+
+def in_process(model: str, quant: str, threads: int, max_batch: int, clients: int, tokens: int) -> dict:
+    """Step 0 in a fresh process (the server's own situation): the figures ``concurrency`` measures, without
+    HTTP."""
+    out = subprocess.run([sys.executable, __file__, "--engine-only", json.dumps([model, quant, threads, max_batch,
+                                                                                 clients, tokens])],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def engine_only(model: str, quant: str, threads: int, max_batch: int, clients: int, tokens: int) -> dict:
+    import slmkit
+    from slmkit.engine.batcher import Batcher, Sequence
+    from slmkit.engine.sampling import SamplingParams
+
+    lm = slmkit.load(model, threads=threads, quant=quant)
+
+    def run(prompts: list[str], n: int) -> tuple[float, list[list[float]]]:
+        batcher = Batcher(lm.model, lm.tokenizer, lm.eos_ids, max_batch)
+        stamps, left = [[] for _ in prompts], [len(prompts)]
+
+        def sink(i):
+            def take(event):
+                if event.token is not None:
+                    stamps[i].append(time.perf_counter())
+                if event.done is not None or event.error is not None:
+                    left[0] -= 1
+                    if not left[0]:
+                        batcher.stop()
+            return take
+
+        start = time.perf_counter()
+        for i, p in enumerate(prompts):
+            batcher.submit(Sequence(lm.tokenizer.encode(p), SamplingParams(max_new_tokens=n), sink(i),
+                                    ignore_eos=True))
+        batcher.run()  # on this thread, as `slm serve` runs it
+        return start, stamps
+
+    run(["Warm up"], 8)
+    _, (single,) = run([PROMPTS[0]], tokens)
+    start, streams = run([PROMPTS[i % len(PROMPTS)] for i in range(clients)], tokens)
+    aggregate = sum(len(s) for s in streams) / (max(s[-1] for s in streams) - start)
+    return {"single_tok_s": stream_rate(single), "clients": clients, "aggregate_tok_s": aggregate}
 
 
 def check_completion(obj: dict, n: int, chat: bool) -> None:
@@ -158,22 +209,30 @@ def metrics(base: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--quant", default="none")
+    ap.add_argument("--quant", default="auto", help="as `slm serve --quant` (default: the file's own)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--soak", type=int, default=500)
     ap.add_argument("--output", default=None)
+    ap.add_argument("--engine-only", help=argparse.SUPPRESS)  # step 0's worker process
     args = ap.parse_args()
+    if args.engine_only:
+        print(json.dumps(engine_only(*json.loads(args.engine_only))))
+        return
+    baseline = in_process(args.model, args.quant, args.threads, args.max_batch, args.clients, args.tokens)
+    print("in process:", json.dumps(baseline), flush=True)
     proc, base = start_server(args.model, "--model-id", MODEL, "--max-batch", str(args.max_batch),
                               "--threads", str(args.threads), "--quant", args.quant)
-    report = {"model": args.model, "quant": args.quant, "threads": args.threads}
+    report = {"model": args.model, "quant": args.quant, "threads": args.threads, "in_process": baseline}
     try:
         asyncio.run(concurrency(base, 1, 8))  # warm: first allocations and kernels
         time.sleep(2)
         report["rss_before_mb"] = rss_mb(proc.pid)
-        report["concurrency"] = asyncio.run(concurrency(base, args.clients, args.tokens))
+        report["concurrency"] = c = asyncio.run(concurrency(base, args.clients, args.tokens))
+        c["single_vs_in_process"] = c["single_tok_s"] / baseline["single_tok_s"]
+        c["aggregate_vs_in_process"] = c["aggregate_tok_s"] / baseline["aggregate_tok_s"]
         time.sleep(3)
         report["rss_after_mb"] = rss_mb(proc.pid)
         report["rss_change_pct"] = 100 * (report["rss_after_mb"] / report["rss_before_mb"] - 1)

@@ -89,7 +89,13 @@ def test_chat_uses_the_chat_template(client, lm):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0)
     assert out.choices[0].message.content == lm.chat(messages, max_new_tokens=30)
-    assert "Paris" in out.choices[0].message.content and out.choices[0].finish_reason == "stop"
+    # the prompt the server ran is the template's rendering (the answer itself is the Q4_1 model's: on AMD
+    # Zen 4 it and llama.cpp both start "L'Étoile, la ..." where the float weights say Paris)
+    rendered = lm.chat_prompt(messages)
+    assert rendered.endswith("<|im_start|>assistant\n")
+    assert out.usage.prompt_tokens == len(lm.tokenizer.encode(rendered, add_special_tokens=False))
+    done = out.usage.completion_tokens < 30
+    assert out.choices[0].finish_reason == ("stop" if done else "length")
 
 
 def test_streaming_chat_and_completion(client, lm):
@@ -99,8 +105,10 @@ def test_streaming_chat_and_completion(client, lm):
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == lm.chat(messages, max_new_tokens=30)
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    usage = chunks[-1].usage
+    assert usage is not None and 0 < usage.completion_tokens <= 30
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    assert finish == ("stop" if usage.completion_tokens < 30 else "length")
     pieces = [c.choices[0].text for c in client.completions.create(
         model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0, stream=True) if c.choices]
     assert len(pieces) > 1 and "".join(pieces) == lm.generate("Once upon a time", max_new_tokens=16)

@@ -201,15 +201,18 @@ def _sse(obj) -> str:
 
 
 def create_app(lm, model_id: str | None = None, api_key: str | None = None, max_batch: int = 32,
-               max_queue: int = 256) -> FastAPI:
-    """The API for ``lm`` (an ``slmkit.LM``); the engine thread starts and stops with the app."""
+               max_queue: int = 256, engine_thread: bool = True) -> FastAPI:
+    """The API for ``lm`` (an ``slmkit.LM``). With ``engine_thread`` the engine runs in a thread that starts
+    and stops with the app; without, the caller runs ``app.state.server.batcher.run()`` (``serve`` does, on
+    the main thread) and the app's shutdown stops it."""
     server = Server(lm, model_id or lm.source, api_key, max_batch, max_queue)
     app = FastAPI(title="slmkit", docs_url=None, redoc_url=None)
     app.state.server = server
 
     @app.on_event("startup")
     async def _start():
-        server.batcher.start()
+        if engine_thread:
+            server.batcher.start()
 
     @app.on_event("shutdown")
     async def _stop():
