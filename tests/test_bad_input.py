@@ -109,7 +109,8 @@ def test_bad_sampling_value(smollm2_gguf):
 
 def test_chat_turn_over_the_context_keeps_the_session(smollm2_gguf):
     lines = "What is the capital of France?\n" + "word " * 9000 + "\nWhat is the capital of France?\n/exit\n"
-    rc, out, err = run_slm("chat", "-m", str(smollm2_gguf), "--max-new-tokens", "12", stdin=lines)
+    rc, out, err = run_slm("chat", "-m", str(smollm2_gguf), "--max-new-tokens", "12", "--quant", "none",
+                       stdin=lines)
     assert rc == 0, err
     assert "context of 8192" in err and "Traceback" not in err
     assert out.count("Paris") == 2  # answered before and after the oversized turn

@@ -223,19 +223,25 @@ def slm(*args: str, stdin: str | None = None):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def test_cli_generate_chat(smollm2_gguf):
-    rc, out, err = slm("generate", "--chat", FRANCE, "-m", str(smollm2_gguf), "--max-new-tokens", "24")
+def test_cli_generate_chat(smollm2_gguf, greedy, france_chat):
+    rc, out, err = slm("generate", "--chat", FRANCE, "-m", str(smollm2_gguf), "--max-new-tokens", "24",
+                       "--quant", "none")
     assert rc == 0, err
+    assert out == greedy(france_chat, 24).text + "\n"
     assert "Paris" in out
     assert "<|im_end|>" not in out
 
 
-def test_cli_generate_defaults_run_the_files_quantization(smollm2_gguf, lm, greedy, france_chat):
-    """With no flags the packaged Q4_1 file runs as int4 and answers as the float model does; --verbose says
-    which mode ran and how fast."""
+def test_cli_generate_defaults_run_the_files_quantization(smollm2_gguf, france_chat):
+    """With no flags the packaged Q4_1 file runs as int4 and prints what slmkit.load's default answers; --verbose
+    says which mode ran and how fast. (The answer itself is not pinned: on this prompt the Q4_1 weights sit near a
+    tie between "The capital..." and "L'Etoile, ...", and which one wins depends on the CPU's summation order,
+    for llama.cpp on the same file as for us.)"""
     rc, out, err = slm("generate", "--chat", FRANCE, "-m", str(smollm2_gguf), "--max-new-tokens", "24", "--verbose")
     assert rc == 0, err
-    assert out == greedy(france_chat).text + "\n" == "The capital of France is Paris.\n"
+    default = slmkit.load(smollm2_gguf)
+    assert default.model.quant == "int4"
+    assert out == default.complete([france_chat], max_new_tokens=24)[0].text + "\n"
     report = err.strip().splitlines()[-1]
     assert "(int4," in report and "decode" in report and "tok/s" in report, err
 
