@@ -253,7 +253,8 @@ class Batcher:
         seen = None
         if p.repetition_penalty != 1.0:
             seen = torch.tensor([seq.prompt + seq.state.ids], device=logits.device)
-        token = int(next_tokens(logits[None], p, seen, seq.generator)[0])
+        context = [seq.prompt + seq.state.ids] if p.logits_processors else None  # its own, a batch of one
+        token = int(next_tokens(logits[None], p, seen, seq.generator, context)[0])
         logprob = top = None
         if seq.logprobs is not None:
             lp = torch.log_softmax(logits.float(), -1)

@@ -102,9 +102,12 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
     logits = prefill(model, ids, positions, key_valid if padded else None, cache)
     next_pos = positions[:, -1] + 1
     penalize = params.repetition_penalty != 1.0
+    processors = bool(params.logits_processors)
 
     for step in range(params.max_new_tokens):
-        tokens = next_tokens(logits, params, seen, generator)
+        # each row's ids so far, unpadded: a finished row's stops growing (what is chosen for it is dropped)
+        context = [[*p, *row.ids] for p, row in zip(prompts, rows)] if processors else None
+        tokens = next_tokens(logits, params, seen, generator, context)
         last_step = step == params.max_new_tokens - 1
         for i, row in enumerate(rows):
             if row.finished is None:
