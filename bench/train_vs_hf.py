@@ -14,12 +14,14 @@ weights (slmkit's init, copied into transformers' LlamaForCausalLM under HF's na
 loss is printed by both as a check that model and data are the same) on windows of packed tokens from
 ``pretrain_corpus`` (a byte-level BPE of ``--vocab`` tokens trained on it; shards cached in
 ``--cache``). Both take the same optimizer settings (AdamW 0.9/0.95, wd 0.1, clip 1.0, cosine with
-warmup), micro-batch, gradient accumulation and precision (transformers: ``bf16=True`` is its CPU
-autocast). tokens/s is the tokens of the timed optimizer steps (after ``--warmup`` untimed steps, which
-also absorb torch.compile's compilation) over their wall time. slmkit runs with its defaults for this
-config (torch.compile on); ``--slm-eager`` adds a row without compilation, ``--hf-compile`` a row with
-transformers' ``torch_compile=True``, ``--hf-malloc`` a row of transformers with the glibc malloc settings
-slmkit's trainer applies to its own process; ``--only`` runs the named rows alone.
+warmup: slmkit's ``lr_at``, handed to transformers as a ``LambdaLR``, since its own ``cosine`` starts the
+warm-up at lr 0, one step behind, and decays to 0 instead of ``min_lr``), micro-batch, gradient
+accumulation and precision (transformers: ``bf16=True`` is its CPU autocast). tokens/s is the tokens of
+the timed optimizer steps (after ``--warmup`` untimed steps, which also absorb torch.compile's
+compilation) over their wall time. slmkit runs with its defaults for this config (torch.compile on);
+``--slm-eager`` adds a row without compilation, ``--hf-compile`` a row with transformers'
+``torch_compile=True``, ``--hf-malloc`` a row of transformers with the glibc malloc settings slmkit's
+trainer applies to its own process; ``--only`` runs the named rows alone.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def initial_weights(args, cache: Path) -> Path:
     from slmkit.formats.hf import write_hf
     from slmkit.models.decoder import Decoder
     from slmkit.tokenizer import Tokenizer
-    from slmkit.train.run import init_weights
+    from slmkit.train.decoder_parts import init_weights
 
     import torch
 
@@ -96,13 +98,13 @@ def run_slmkit(spec: dict) -> dict:
     from slmkit.train.config import config_from_dict
     from slmkit.train.distributed import Dist
     from slmkit import memory
-    from slmkit.train.run import build
+    from slmkit.train.registry import get_task
     from slmkit.train.trainer import Trainer
 
     memory.enter_phase("training")
     torch.set_num_threads(spec["threads"])
     cfg = config_from_dict(spec["config"])
-    parts = build(cfg, Dist())
+    parts = get_task(cfg.task).build(cfg, Dist())
     trainer = Trainer(parts.model, parts.train, cfg, Dist())
     trainer.loss_module.train()
     losses, times = [], []
@@ -167,13 +169,27 @@ def run_hf(spec: dict) -> dict:
         output_dir=spec["out"], per_device_train_batch_size=run["micro_batch_size"],
         gradient_accumulation_steps=run["grad_accum"], max_steps=run["max_steps"], learning_rate=optim["lr"],
         weight_decay=optim["weight_decay"], adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=optim["grad_clip"],
-        lr_scheduler_type="cosine", warmup_steps=optim["warmup_steps"], logging_steps=1, save_strategy="no",
+        logging_steps=1, save_strategy="no",  # the schedule: InOrder.create_scheduler
         report_to=[], use_cpu=True, bf16=run["precision"] == "bf16", dataloader_num_workers=0,
         torch_compile=spec.get("hf_compile", False), disable_tqdm=True, seed=0)
 
     class InOrder(Trainer):
         def _get_train_sampler(self, *a, **kw):
             return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            """slmkit's schedule, step for step: transformers' "cosine" takes lr 0 at step 0 (its warm-up is
+            one step behind lr_at's) and decays to 0 at max_steps, not to min_lr at the last step."""
+            from torch.optim.lr_scheduler import LambdaLR
+
+            from slmkit.train.schedule import lr_at
+
+            kw = dict(lr=optim["lr"], min_lr=optim["min_lr"], warmup_steps=optim["warmup_steps"],
+                      schedule=optim["schedule"])
+            if self.lr_scheduler is None:
+                self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer,
+                                             lambda s: lr_at(s, num_training_steps, **kw) / optim["lr"])
+            return self.lr_scheduler
 
     InOrder(model=model, args=targs, train_dataset=Windows(), callbacks=[Clock()]).train()
     return {"losses": losses, "step_s": times}
