@@ -151,7 +151,7 @@ def test_classification_loss_equals_transformers():
 
 def test_a_bert_pooler_becomes_the_classifier_dense_layer_as_in_transformers(tmp_path):
     from slmkit.train.config import config_from_dict
-    from slmkit.train.encoder_tasks import _with_heads
+    from slmkit.train.encoder_tasks import with_heads
 
     cfg = transformers.BertConfig(vocab_size=70, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
@@ -163,7 +163,7 @@ def test_a_bert_pooler_becomes_the_classifier_dense_layer_as_in_transformers(tmp
     base = load_encoder_state(EncoderConfig.from_hf(cfg.to_dict()), body.state_dict(), architectures=["BertModel"])
     assert base.pooler is not None
     train_cfg = config_from_dict({"task": "classify", "model": {"num_labels": 3}, "run": {"max_steps": 1}})
-    ours = _with_heads(base, ("classifier",), train_cfg).eval()
+    ours = with_heads(base, ("classifier",), train_cfg).eval()
     assert ours.cfg.num_labels == 3 and ours.pooler is None and ours.mlm_head is None
     ours.classifier.out.load_state_dict(hf.classifier.state_dict())  # the one freshly drawn layer
     ids, mask = _padded_batch(np.random.default_rng(3))

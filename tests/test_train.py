@@ -271,7 +271,7 @@ def test_packed_chat_batches_score_like_padded_ones():
     from slmkit.models.decoder import Decoder
     from slmkit.train.chat_data import ChatDataset
     from slmkit.train.objectives import CausalLMLoss
-    from slmkit.train.run import ChatBatches
+    from slmkit.train.decoder_parts import ChatBatches
 
     rng = np.random.default_rng(0)
     examples = []

@@ -4,6 +4,7 @@
     slm generate [-m MODEL] PROMPT      stream a continuation (--chat wraps PROMPT in the chat template)
     slm info MODEL                      architecture, parameters, tensor types, tokenizer
     slm quantize MODEL OUT --quant int8 write a compact checkpoint (load it like any model)
+    slm train CONFIG.yaml               any registered task (built-in or a method's); --resume continues
     slm pretrain CONFIG.yaml            train from scratch (or further) on a corpus; --resume continues
     slm finetune CONFIG.yaml            full or LoRA fine-tuning, chat SFT with loss on assistant tokens
     slm models                          registry names and where each comes from
@@ -207,12 +208,13 @@ def cmd_serve(args) -> int:
 
 def cmd_train(args) -> int:
     from .train.config import load_config
+    from .train.registry import get_task, task_names
     from .train.run import train
 
     if args.data_dir:
         os.environ["SLMKIT_DATA"] = args.data_dir
     cfg = load_config(args.config, args.set)
-    pretraining = ("pretrain", "span_corruption", "mlm")
+    pretraining = [name for name in task_names() if get_task(name).pretraining]
     if args.command == "pretrain" and cfg.task not in pretraining:
         raise SlmError(f"{args.config}: task is {cfg.task!r}; `slm pretrain` runs tasks {', '.join(pretraining)} "
                        f"(use slm finetune)")
@@ -294,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_arg(p)
     p.set_defaults(func=cmd_serve)
 
-    for name, help_text in (("pretrain", "train a model (from scratch or further) on a text corpus"),
+    for name, help_text in (("train", "run any registered training task (built-in or a method's)"),
+                            ("pretrain", "train a model (from scratch or further) on a text corpus"),
                             ("finetune", "fine-tune a model: full or LoRA, chat SFT or corpus")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="training config (YAML); see configs/")

@@ -236,11 +236,11 @@ def load_encoder(path: str | Path, dtype: str | torch.dtype = "float32") -> Enco
     pooling_cfg = _read_json(folder / "1_Pooling" / "config.json")
     pooling = "cls" if pooling_cfg.get("pooling_mode_cls_token") and not pooling_cfg.get("pooling_mode_mean_tokens") \
         else "mean"
-    return EncoderLM(model, tokenizer, str(folder), types, _special_tokens(folder),
+    return EncoderLM(model, tokenizer, str(folder), types, special_tokens_of(folder),
                      embed_max_length=st.get("max_seq_length"), pooling=pooling)
 
 
-def _special_tokens(folder: Path) -> dict[str, str]:
+def special_tokens_of(folder: Path) -> dict[str, str]:
     """cls / sep / mask tokens from tokenizer_config.json or special_tokens_map.json."""
     config, token_map = _read_json(folder / "tokenizer_config.json"), _read_json(folder / "special_tokens_map.json")
     out = {}

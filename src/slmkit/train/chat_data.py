@@ -21,7 +21,6 @@ Labels are aligned with ``input_ids`` (-100 elsewhere); the loss shifts them, as
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 
 from ..errors import SlmError
+from .common import json_records
+from .epochs import EpochOrder
 
 IGNORE = -100
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -44,7 +45,8 @@ def load_conversations(path: str | Path, *, system: str | None = None) -> list[l
     """
     path = Path(path)
     conversations = []
-    for index, where, record in _records(path):
+    for index, line, record in json_records(path, "instruction records"):
+        where = "" if line is None else f" (line {line})"
         try:
             messages = _to_messages(record)
         except SlmError as exc:
@@ -55,36 +57,6 @@ def load_conversations(path: str | Path, *, system: str | None = None) -> list[l
     if not conversations:
         raise SlmError(f"{path}: no records")
     return conversations
-
-
-def _records(path: Path):
-    """(index, location note, record) for each record of a JSON list or JSON Lines file."""
-    if not path.is_file():
-        raise SlmError(f"{path}: no such file (expected an instruction .json or .jsonl file)")
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
-    if suffix != ".jsonl":  # .json, or another name: a JSON list, else JSON Lines
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            if suffix == ".json":
-                raise SlmError(f"{path}: not valid JSON ({exc})") from None
-            data = None
-        if isinstance(data, list):
-            yield from ((index, "", record) for index, record in enumerate(data))
-            return
-        if suffix == ".json":
-            raise SlmError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
-    index = 0
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SlmError(f"{path}: record {index} (line {line_no}): not valid JSON ({exc})") from None
-        yield index, f" (line {line_no})", record
-        index += 1
 
 
 def _to_messages(record: Any) -> list[dict]:
@@ -216,7 +188,7 @@ class ChatDataset:
     def __init__(self, examples: list[dict[str, list[int]]], *, dropped: int = 0):
         self.examples = list(examples)
         self.dropped = dropped  # conversations left out: no assistant token within max_len
-        self._order: tuple[tuple[int, int], np.ndarray] | None = None
+        self.order = EpochOrder(len(self.examples))
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -225,10 +197,7 @@ class ChatDataset:
         """The k-th draw: epoch k // len, in that epoch's permutation from ``default_rng([seed, epoch])``."""
         if not self.examples:
             raise SlmError("the chat dataset is empty")
-        epoch, position = divmod(int(k), len(self.examples))
-        if self._order is None or self._order[0] != (seed, epoch):
-            self._order = ((seed, epoch), np.random.default_rng([seed, epoch]).permutation(len(self.examples)))
-        return self.examples[int(self._order[1][position])]
+        return self.examples[self.order(k, seed)]
 
     @staticmethod
     def collate(samples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
 """Training configuration: one YAML file per run, read into dataclasses with every key checked.
 
 A config has five sections — ``model``, ``data``, ``optim``, ``run`` and (for LoRA) ``lora`` — plus
-``task`` (one of ``TASKS``) and ``out_dir``. Unknown keys are errors, so a typo never silently
-falls back to a default. ``--set section.key=value`` on the command line overrides any value.
+``task`` (any task in ``slmkit.train.registry``) and ``out_dir``; a task that declares its own section
+(a method's settings) reads it from the top-level key it registered, into ``cfg.method``. Unknown keys
+are errors, so a typo never silently falls back to a default. ``--set section.key=value`` on the command
+line overrides any value.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ from typing import Any
 import yaml
 
 from ..errors import SlmError
+from .registry import get_task
 
-
-TASKS = ("pretrain", "sft", "span_corruption", "seq2seq", "mlm", "classify")
 PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware has it natively (train/precision.py)
 
 
@@ -100,17 +101,23 @@ class LoraSection:
 
 @dataclass
 class TrainConfig:
-    task: str = "pretrain"  # one of TASKS
+    task: str = "pretrain"  # a registered task (slmkit.train.registry)
     out_dir: str = "runs/run"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
     lora: LoraSection | None = None
+    method: Any = None  # the task's own section (an instance of its registered dataclass), if it has one
 
     def __post_init__(self):
+        try:
+            task = get_task(self.task)
+        except SlmError as exc:  # an unknown task: the error names the known ones
+            raise SlmError(f"config: {exc}") from None
+        if task.section is not None and self.method is None:
+            self.method = task.section()
         checks = [
-            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}"),
             (self.optim.schedule in ("cosine", "wsd", "constant"),
              f"optim.schedule must be cosine, wsd or constant, got {self.optim.schedule!r}"),
             (self.run.precision in PRECISIONS,
@@ -128,7 +135,12 @@ class TrainConfig:
                 raise SlmError(f"config: {message}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as its YAML would hold it (the task's own section under its key)."""
+        out = dataclasses.asdict(self)
+        method = out.pop("method")
+        if method is not None:
+            out[get_task(self.task).key] = method
+        return out
 
 
 _SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "run": RunSection,
@@ -152,13 +164,22 @@ def _section(cls, values: Any, name: str):
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     if not isinstance(raw, dict):
         raise SlmError("config: the file must hold a mapping of sections")
-    top = {"task", "out_dir", *_SECTIONS}
+    name = raw.get("task", "pretrain")
+    if not isinstance(name, str):
+        raise SlmError(f"config: task must be a task name, got {name!r}")
+    try:
+        task = get_task(name)
+    except SlmError as exc:
+        raise SlmError(f"config: {exc}") from None
+    top = {"task", "out_dir", *_SECTIONS, *([task.key] if task.section is not None else [])}
     unknown = sorted(set(raw) - top)
     if unknown:
         raise SlmError(f"config: unknown top-level key(s): {', '.join(unknown)} (known: {', '.join(sorted(top))})")
     sections = {name: _section(cls, raw.get(name), name) for name, cls in _SECTIONS.items()}
+    if task.section is not None:
+        sections["method"] = _section(task.section, raw.get(task.key), task.key)
     try:
-        return TrainConfig(task=raw.get("task", "pretrain"), out_dir=str(raw.get("out_dir", "runs/run")), **sections)
+        return TrainConfig(task=name, out_dir=str(raw.get("out_dir", "runs/run")), **sections)
     except TypeError as exc:
         raise SlmError(f"config: {exc}") from None
 

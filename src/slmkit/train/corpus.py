@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SlmError
 from ..tokenizer import Tokenizer
+from .epochs import EpochOrder
 
 SUFFIXES = (".jsonl", ".json", ".txt")
 _JSON_SPACE = " \t\r\n"  # a .jsonl line of only these is blank and skipped
@@ -396,7 +397,7 @@ class PackedDataset:
                            f"seq_len + 1 = {seq_len + 1}; use a shorter seq_len or more data")
         self._starts = np.cumsum([0] + [len(s) for s in self._shards])
         self.num_windows = (self.total_tokens - 1) // seq_len
-        self._order: tuple[tuple[int, int], np.ndarray] | None = None
+        self.order = EpochOrder(self.num_windows)
 
     def _map(self, file: Path) -> np.ndarray:
         if not file.is_file():
@@ -432,10 +433,7 @@ class PackedDataset:
 
     def permutation(self, epoch: int, seed: int) -> np.ndarray:
         """The order windows are visited in during ``epoch`` (cached for the latest epoch)."""
-        key = (int(seed), int(epoch))
-        if self._order is None or self._order[0] != key:
-            self._order = key, np.random.default_rng(list(key)).permutation(self.num_windows)
-        return self._order[1]
+        return self.order.permutation(epoch, seed)
 
     def sample(self, k: int, seed: int = 0) -> np.ndarray:
         """Global sample ``k`` over epochs: epoch ``k // num_windows``, windows shuffled per epoch."""

@@ -61,18 +61,23 @@ def init_distributed(mode: str, device: str = "cpu") -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), mode=mode, device=dev)
 
 
-def wrap(module: nn.Module, blocks: list[nn.Module], d: Dist) -> nn.Module:
-    """``module`` (the loss module holding the model) wrapped for ``d.mode``."""
+def wrap(module: nn.Module, blocks: list[nn.Module], d: Dist, frozen: list[nn.Module] = ()) -> nn.Module:
+    """``module`` (the loss module holding the model) wrapped for ``d.mode``; the ``frozen`` modules inside it
+    (teachers) are left alone: a full copy on every rank, never synchronised or sharded."""
+    ignored = {p for m in frozen for p in m.parameters()}
     if d.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        names = [n for n, p in module.named_parameters() if p in ignored]
+        names += [n for n, b in module.named_buffers() if any(b is x for m in frozen for x in m.buffers())]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
         return DistributedDataParallel(module, device_ids=[d.device] if d.device.type == "cuda" else None)
     if d.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         for block in blocks:
             fully_shard(block)
-        fully_shard(module)
+        fully_shard(module, ignored_params=ignored or None)
         return module
     return module
 

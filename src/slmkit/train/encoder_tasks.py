@@ -1,4 +1,5 @@
-"""Encoder training tasks: RoBERTa masked-LM pretraining (``mlm``) and sequence classification (``classify``).
+"""Parts of the encoder training tasks (``train/tasks/mlm.py``: RoBERTa masked-LM pretraining, and
+``train/tasks/classify.py``: sequence classification): batches, losses, tokenizer, init, heads and saver.
 
 RoBERTa's MLM recipe (Liu et al. 2019): FULL-SENTENCES inputs (packed windows of contiguous text that may
 cross document boundaries, ``</s>`` between documents, wrapped ``<s> ... </s>``), no next-sentence
@@ -34,15 +35,15 @@ import tokenizers
 from tokenizers import AddedToken, processors
 from torch import nn
 
-from ..encoder_api import EncoderLM, _special_tokens
+from ..encoder_api import EncoderLM, special_tokens_of
 from ..errors import SlmError
 from ..models.encoder import EncoderConfig, EncoderModel
 from ..tokenizer import Tokenizer
 from .bpe import train_bpe
 from .config import TrainConfig
-from .corpus import PackedDataset, val_mask
 from .distributed import Dist
-from .run import RunParts, _on_main_then_all, _shards, data_path
+from .epochs import EpochOrder
+from .common import on_main_then_all
 
 IGNORE = -100
 ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # ids 0..4, as in roberta-base
@@ -220,7 +221,7 @@ class ClassifyBatches:
         if not examples:
             raise SlmError("no classification examples")
         self.examples, self.seed, self.pad_id, self.shuffle = examples, seed, pad_id, shuffle
-        self._order: tuple[int, np.ndarray] | None = None
+        self.order = EpochOrder(len(examples))
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -228,10 +229,7 @@ class ClassifyBatches:
     def _pick(self, k: int) -> tuple[list[int], int]:
         if not self.shuffle:
             return self.examples[k]
-        epoch, position = divmod(int(k), len(self.examples))
-        if self._order is None or self._order[0] != epoch:
-            self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-        return self.examples[int(self._order[1][position])]
+        return self.examples[self.order(k, self.seed)]
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         picked = [self._pick(k) for k in indices]
@@ -300,7 +298,7 @@ def init_encoder(module: nn.Module, std: float) -> None:
 
 
 @dataclasses.dataclass
-class _Vocab:
+class EncoderVocab:
     """The encoder's tokenizer and the ids its batches need."""
     tokenizer: Tokenizer
     special: dict[str, str]  # cls_token / sep_token / mask_token, written to tokenizer_config.json
@@ -310,16 +308,16 @@ class _Vocab:
     mask_id: int | None
 
 
-def _vocab(folder: Path) -> _Vocab:
+def encoder_vocab(folder: Path) -> EncoderVocab:
     tokenizer = Tokenizer.from_hf_dir(folder)
-    special = _special_tokens(folder)
+    special = special_tokens_of(folder)
     cls_id = tokenizer.token_to_id(special["cls_token"]) if "cls_token" in special else tokenizer.bos_id
     sep_id = tokenizer.token_to_id(special["sep_token"]) if "sep_token" in special else tokenizer.eos_id
     mask_id = tokenizer.token_to_id(special["mask_token"]) if "mask_token" in special else None
     if cls_id is None or sep_id is None or tokenizer.pad_id is None:
         raise SlmError(f"{folder}: an encoder's tokenizer needs cls (or bos), sep (or eos) and pad tokens "
                        f"in tokenizer_config.json")
-    return _Vocab(tokenizer, special, cls_id, sep_id, tokenizer.pad_id, mask_id)
+    return EncoderVocab(tokenizer, special, cls_id, sep_id, tokenizer.pad_id, mask_id)
 
 
 def train_encoder_bpe(corpus, folder: Path, vocab_size: int, text_field: str = "text") -> Path:
@@ -347,7 +345,7 @@ def train_encoder_bpe(corpus, folder: Path, vocab_size: int, text_field: str = "
     return folder
 
 
-def _tokenizer_folder(cfg: TrainConfig, d: Dist) -> Path:
+def encoder_tokenizer(cfg: TrainConfig, d: Dist) -> Path:
     if cfg.model.tokenizer:
         folder = Path(cfg.model.tokenizer)
         if not (folder / "tokenizer.json").is_file():
@@ -359,13 +357,13 @@ def _tokenizer_folder(cfg: TrainConfig, d: Dist) -> Path:
     if not cfg.data.corpus:
         raise SlmError("config: a tokenizer is trained on data.corpus; set it or give model.tokenizer")
     folder = Path(cfg.out_dir) / "tokenizer"
-    _on_main_then_all(d, lambda: train_encoder_bpe(cfg.data.corpus, folder, cfg.model.tokenizer_vocab_size,
+    on_main_then_all(d, lambda: train_encoder_bpe(cfg.data.corpus, folder, cfg.model.tokenizer_vocab_size,
                                                    cfg.data.text_field),
                       lambda: (folder / "tokenizer.json").is_file())
     return folder
 
 
-def _scratch_encoder(cfg: TrainConfig, vocab: _Vocab, heads: tuple[str, ...]) -> EncoderModel:
+def scratch_encoder(cfg: TrainConfig, vocab: EncoderVocab, heads: tuple[str, ...]) -> EncoderModel:
     fields = dict(cfg.model.config)
     family = fields.get("family", "roberta")
     roberta = family == "roberta"
@@ -399,7 +397,7 @@ def _label_fields(cfg: TrainConfig) -> dict:
     return {"num_labels": cfg.model.num_labels, "id2label": dict(enumerate(names))}
 
 
-def _load_encoder(cfg: TrainConfig):
+def load_encoder_to_train(cfg: TrainConfig):
     from ..api import load  # the whole runtime: only when a checkpoint is read
 
     lm = load(cfg.model.init)
@@ -408,7 +406,7 @@ def _load_encoder(cfg: TrainConfig):
     return lm
 
 
-def _with_heads(model: EncoderModel, heads: tuple[str, ...], cfg: TrainConfig) -> EncoderModel:
+def with_heads(model: EncoderModel, heads: tuple[str, ...], cfg: TrainConfig) -> EncoderModel:
     """The same encoder with exactly ``heads``: heads the checkpoint has (of the right shape) are kept,
     new ones are initialised; a BERT pooler becomes the classifier's dense layer, as in transformers."""
     model_cfg = model.cfg
@@ -430,7 +428,7 @@ def _with_heads(model: EncoderModel, heads: tuple[str, ...], cfg: TrainConfig) -
     return out
 
 
-def _saver(cfg: TrainConfig, model_cfg: EncoderConfig, heads: tuple[str, ...], vocab: _Vocab, after=None):
+def encoder_saver(cfg: TrainConfig, model_cfg: EncoderConfig, heads: tuple[str, ...], vocab: EncoderVocab, after=None):
     """``on_save``: the trained module (or, from several ranks, its state dict) written in HF layout to
     ``out_dir/model``; then ``after(module)``."""
     out = Path(cfg.out_dir)
@@ -447,86 +445,22 @@ def _saver(cfg: TrainConfig, model_cfg: EncoderConfig, heads: tuple[str, ...], v
     return save
 
 
-def _check_fits(model: EncoderModel, seq_len: int) -> None:
+def check_fits(model: EncoderModel, seq_len: int) -> None:
     if seq_len > model.cfg.max_tokens:
         raise SlmError(f"data.seq_len {seq_len} is longer than the encoder takes ({model.cfg.max_tokens} tokens; "
                        f"raise model.config.max_position_embeddings)")
 
 
-def _build_mlm(cfg: TrainConfig, d: Dist) -> RunParts:
-    if not cfg.data.shards:
-        cfg.data.corpus = [data_path(p) for p in cfg.data.corpus]
-    if cfg.data.seq_len < 3:
-        raise SlmError("config: data.seq_len must be at least 3 for masked-LM rows (<s> text </s>)")
-    if cfg.model.init == "scratch":
-        vocab = _vocab(_tokenizer_folder(cfg, d))
-        model = _scratch_encoder(cfg, vocab, ("mlm",))
-    else:
-        lm = _load_encoder(cfg)
-        vocab = _vocab(Path(lm.source))
-        model = _with_heads(lm.model, ("mlm",), cfg)
-    if vocab.mask_id is None:
-        raise SlmError("the tokenizer has no mask token (mask_token in tokenizer_config.json); masked-LM "
-                       "training needs one")
-    _check_fits(model, cfg.data.seq_len)
-    shards = _shards(cfg, vocab.tokenizer, d)
-    body = cfg.data.seq_len - 2
-    train, val = PackedDataset(shards, "train", body), PackedDataset(shards, "val", body)
-    common = dict(cls_id=vocab.cls_id, sep_id=vocab.sep_id, mask_id=vocab.mask_id,
-                  vocab_size=vocab.tokenizer.vocab_size, special_ids=special_token_ids(vocab.tokenizer),
-                  mask_prob=cfg.data.mask_prob)
-    return RunParts(model, MLMBatches(train, cfg.run.seed, **common),
-                    MLMBatches(val, cfg.run.seed, shuffle=False, **common), len(val),
-                    _saver(cfg, model.cfg, ("mlm",), vocab), objective=MaskedLMLoss(model),
-                    blocks=list(model.encoder.layers))
-
-
-def _examples(files: list[str], cfg: TrainConfig, vocab: _Vocab, max_length: int) -> list[tuple[list[int], int]]:
+def labelled_examples(files: list[str], cfg: TrainConfig, vocab: EncoderVocab, max_length: int) -> list[tuple[list[int], int]]:
     rows = [r for f in files for r in read_labelled(f, cfg.data.text_column, cfg.data.label_column)]
     labels = [label_index(raw, cfg.model.num_labels, cfg.model.labels or [], where) for _, raw, where in rows]
     return list(zip(encode_texts(vocab.tokenizer, [text for text, _, _ in rows], max_length), labels))
 
 
-def _build_classify(cfg: TrainConfig, d: Dist) -> RunParts:
-    files = [cfg.data.train_file] if isinstance(cfg.data.train_file, str) else list(cfg.data.train_file or [])
-    if not files:
-        raise SlmError("config: task classify needs data.train_file (a labelled .tsv/.csv/.jsonl/.json file "
-                       "or a list of them)")
-    if cfg.model.init == "scratch":
-        vocab = _vocab(_tokenizer_folder(cfg, d))
-        model = _scratch_encoder(cfg, vocab, ("classifier",))
-    else:
-        lm = _load_encoder(cfg)
-        vocab = _vocab(Path(lm.source))
-        model = _with_heads(lm.model, ("classifier",), cfg)
-    max_length = min(cfg.data.seq_len, model.cfg.max_tokens)
-    train = _examples([data_path(f) for f in files], cfg, vocab, max_length)
-    if cfg.data.val_file:
-        val = _examples([data_path(cfg.data.val_file)], cfg, vocab, max_length)
-    else:  # hold out a seeded fraction of the training examples
-        held = val_mask(len(train), cfg.data.val_fraction, cfg.run.seed)
-        train, val = [e for e, h in zip(train, held) if not h], [e for e, h in zip(train, held) if h]
-    val_source = ClassifyBatches(val, cfg.run.seed, vocab.pad_id, shuffle=False)
-
-    def write_eval(module: EncoderModel) -> None:
-        result = {"val_file": cfg.data.val_file, **classification_metrics(module, val_source,
-                                                                           cfg.run.micro_batch_size)}
-        (Path(cfg.out_dir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-
-    return RunParts(model, ClassifyBatches(train, cfg.run.seed, vocab.pad_id), val_source, len(val),
-                    _saver(cfg, model.cfg, ("classifier",), vocab, after=write_eval),
-                    objective=ClassificationLoss(model), blocks=list(model.encoder.layers))
-
-
-def build_encoder_task(cfg: TrainConfig, d: Dist) -> RunParts:
-    """The :class:`~slmkit.train.run.RunParts` of task ``mlm`` or ``classify``."""
+def check_encoder_run(cfg: TrainConfig) -> None:
+    """The run settings encoder tasks do not take."""
     if cfg.lora is not None:
         raise SlmError("config: LoRA applies to decoder models; encoder tasks train every weight (drop the lora "
                        "section)")
     if cfg.run.activation_checkpointing:
         raise SlmError("config: run.activation_checkpointing is not available for encoder tasks")
-    if cfg.task == "mlm":
-        return _build_mlm(cfg, d)
-    if cfg.task == "classify":
-        return _build_classify(cfg, d)
-    raise SlmError(f"task {cfg.task!r} is not an encoder task (mlm, classify)")

@@ -1,4 +1,5 @@
-"""T5 training tasks: span-corruption pretraining (``span_corruption``) and seq2seq fine-tuning (``seq2seq``).
+"""Parts of the T5 training tasks (``train/tasks/span_corruption.py``: span-corruption pretraining, and
+``train/tasks/seq2seq.py``: seq2seq fine-tuning): noise masks, batches, the loss, tokenizer, init and saver.
 
 Span corruption (Raffel et al. 2020, section 3.1.4): drop about 15% of a packed window's tokens in spans of
 mean length 3; the encoder reads the window with each dropped span replaced by one sentinel ``<extra_id_i>``
@@ -14,10 +15,8 @@ numpy Generator seeded with ``(seed, k)``), so resumed runs see the same data. B
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,8 @@ from ..seq2seq_api import Seq2SeqLM, load_seq2seq
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
 from .distributed import Dist
-from .run import RunParts, _on_main_then_all, _shards, data_path
+from .epochs import EpochOrder
+from .common import json_records, on_main_then_all
 
 IGNORE = -100
 NUM_SENTINELS = 100
@@ -189,26 +189,8 @@ class Seq2SeqLoss(nn.Module):
 
 
 # ------------------------------------------------------------------------------- seq2seq fine-tuning
-def _records(path: Path):
-    """(where, record) for each object of a JSON Lines file (blank lines skipped) or a JSON list."""
-    if not path.is_file():
-        raise SlmError(f"{path}: no such file (expected a .jsonl file of input/target records)")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SlmError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, list):
-            raise SlmError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-        yield from ((f"{path}[{i}]", record) for i, record in enumerate(data))
-        return
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                yield f"{path}:{number}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SlmError(f"{path}:{number}: not valid JSON ({exc})") from None
+def _where(path: Path, index: int, line: int | None) -> str:
+    return f"{path}[{index}]" if line is None else f"{path}:{line}"
 
 
 def _field(record, name: str, where: str) -> str:
@@ -232,7 +214,8 @@ def load_pairs(path: str | Path, tokenizer: Tokenizer, input_field: str = "input
     if max_input < 2 or max_target < 2:
         raise SlmError(f"the input and target length limits must be >= 2, got {max_input} and {max_target}")
     path = Path(path)
-    texts = [(_field(r, input_field, w), _field(r, target_field, w)) for w, r in _records(path)]
+    texts = [(_field(r, input_field, _where(path, i, line)), _field(r, target_field, _where(path, i, line)))
+             for i, line, r in json_records(path, "input/target records")]
     if not texts:
         raise SlmError(f"{path}: no records")
     sources = tokenizer.encode_batch([source for source, _ in texts], add_special_tokens=False)
@@ -251,17 +234,13 @@ class Seq2SeqExamples:
         if not pairs:
             raise SlmError("a seq2seq split has no examples")
         self.pairs = pairs
-        self._order: tuple[tuple[int, int], np.ndarray] | None = None
+        self.order = EpochOrder(len(pairs))
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def sample(self, k: int, seed: int) -> tuple[list[int], list[int]]:
-        epoch, position = divmod(int(k), len(self.pairs))
-        key = (int(seed), epoch)
-        if self._order is None or self._order[0] != key:
-            self._order = key, np.random.default_rng(key).permutation(len(self.pairs))
-        return self.pairs[int(self._order[1][position])]
+        return self.pairs[self.order(k, seed)]
 
 
 class Seq2SeqBatches:
@@ -283,7 +262,7 @@ class Seq2SeqBatches:
 
 
 # ------------------------------------------------------------------------------------ scratch model
-def _t5_tokenizer(cfg: TrainConfig, d: Dist) -> Tokenizer:
+def t5_tokenizer(cfg: TrainConfig, d: Dist) -> Tokenizer:
     """The run's tokenizer: ``model.tokenizer`` when given, else a byte-level BPE trained on the corpus with
     T5's special tokens (<pad> 0, </s> 1, <unk> 2, <extra_id_0..99>) whose encode appends </s> as T5's does."""
     if cfg.model.tokenizer:
@@ -309,7 +288,7 @@ def _t5_tokenizer(cfg: TrainConfig, d: Dist) -> Tokenizer:
         Tokenizer(backend, {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}).save(folder)
         shutil.rmtree(draft, ignore_errors=True)
 
-    _on_main_then_all(d, make, lambda: (folder / "tokenizer.json").is_file())
+    on_main_then_all(d, make, lambda: (folder / "tokenizer.json").is_file())
     return Tokenizer.from_hf_dir(folder)
 
 
@@ -336,7 +315,7 @@ def t5_init_weights(model: T5) -> None:
                 raise AssertionError(f"t5_init_weights: no rule for parameter {name}")
 
 
-def _scratch_t5(cfg: TrainConfig, tokenizer: Tokenizer) -> T5:
+def scratch_t5(cfg: TrainConfig, tokenizer: Tokenizer) -> T5:
     if tokenizer.pad_id is None or tokenizer.eos_id is None:
         raise SlmError("a T5 tokenizer needs a pad and an EOS token (pad_token / eos_token in tokenizer_config.json)")
     fields = dict(cfg.model.config)
@@ -355,14 +334,14 @@ def _scratch_t5(cfg: TrainConfig, tokenizer: Tokenizer) -> T5:
     return model.train()
 
 
-def _load_t5(cfg: TrainConfig) -> tuple[T5, Tokenizer]:
+def load_t5(cfg: TrainConfig) -> tuple[T5, Tokenizer]:
     lm = load_seq2seq(Path(cfg.model.init).expanduser())
     if lm.tokenizer is None:
         raise SlmError(f"{cfg.model.init}: the model folder has no tokenizer (tokenizer.json); training needs one")
     return lm.model.train(), lm.tokenizer
 
 
-def _saver(cfg: TrainConfig, model_cfg: T5Config, tokenizer: Tokenizer):
+def t5_saver(cfg: TrainConfig, model_cfg: T5Config, tokenizer: Tokenizer):
     def save(trained) -> None:
         if isinstance(trained, dict):  # gathered from the ranks of a distributed run
             with torch.device("meta"):
@@ -373,55 +352,23 @@ def _saver(cfg: TrainConfig, model_cfg: T5Config, tokenizer: Tokenizer):
     return save
 
 
-# ------------------------------------------------------------------------------------------- builder
-def build_seq2seq_task(cfg: TrainConfig, d: Dist) -> RunParts:
-    """Tasks ``span_corruption`` (a T5 from scratch or an HF T5 folder, on packed corpus shards) and
-    ``seq2seq`` (an HF T5 folder fine-tuned on input/target records)."""
-    from .corpus import PackedDataset, val_mask
-
+def check_t5_run(cfg) -> None:
+    """The run settings T5 tasks do not take."""
     if cfg.lora is not None:
         raise SlmError("config: LoRA is not supported for T5 tasks; remove the lora section")
     if cfg.run.activation_checkpointing:
         raise SlmError("config: run.activation_checkpointing is not supported for T5 models; set it to false")
-    if cfg.task == "span_corruption" and not cfg.data.shards:
-        if not cfg.data.corpus:
-            raise SlmError("config: span_corruption needs data.corpus (text files) or data.shards")
-        cfg.data.corpus = [data_path(p) for p in cfg.data.corpus]
+
+
+def t5_model(cfg, d: Dist) -> tuple[T5, Tokenizer]:
+    """The T5 to train and its tokenizer: from scratch (span corruption only) or the folder ``model.init``."""
     if cfg.model.init == "scratch":
         if cfg.task != "span_corruption":
             raise SlmError("config: task seq2seq fine-tunes a trained T5; set model.init to its folder")
-        tokenizer = _t5_tokenizer(cfg, d)
-        model = _scratch_t5(cfg, tokenizer)
-    else:
-        model, tokenizer = _load_t5(cfg)
-    blocks = [*model.encoder["layers"], *model.decoder["layers"]]
-    save = _saver(cfg, model.cfg, tokenizer)
+        tokenizer = t5_tokenizer(cfg, d)
+        return scratch_t5(cfg, tokenizer), tokenizer
+    return load_t5(cfg)
 
-    if cfg.task == "span_corruption":
-        sentinels = sentinel_ids(tokenizer)
-        raw, _ = compute_input_and_target_lengths(cfg.data.seq_len, cfg.data.noise_density, cfg.data.mean_span_length)
-        shards = _shards(cfg, tokenizer, d)
-        train, val = (PackedDataset(shards, split, raw) for split in ("train", "val"))
-        sources = [SpanCorruptionBatches(part, cfg.run.seed, sentinels, tokenizer.eos_id, cfg.data.seq_len,
-                                         cfg.data.noise_density, cfg.data.mean_span_length, shuffle=shuffle)
-                   for part, shuffle in ((train, True), (val, False))]
-        return RunParts(model, *sources, len(val), save, objective=Seq2SeqLoss(model), blocks=blocks)
 
-    if not cfg.data.train_file or not isinstance(cfg.data.train_file, str):
-        raise SlmError("config: task seq2seq needs data.train_file: one .jsonl file of input/target records")
-    limits = dict(input_field=cfg.data.input_field, target_field=cfg.data.target_field,
-                  max_input=cfg.data.seq_len, max_target=cfg.data.target_len)
-    pairs, cut = load_pairs(data_path(cfg.data.train_file), tokenizer, **limits)
-    if cfg.data.val_file:
-        val_pairs, val_cut = load_pairs(data_path(cfg.data.val_file), tokenizer, **limits)
-        cut += val_cut
-    else:
-        to_val = val_mask(len(pairs), cfg.data.val_fraction, cfg.run.seed)
-        pairs, val_pairs = [p for p, v in zip(pairs, to_val) if not v], [p for p, v in zip(pairs, to_val) if v]
-    if cut and d.main:
-        print(f"seq2seq: {cut} example(s) cut to data.seq_len={cfg.data.seq_len} input / "
-              f"data.target_len={cfg.data.target_len} target tokens", file=sys.stderr)
-    pad = model.cfg.pad_token_id
-    train, val = Seq2SeqExamples(pairs), Seq2SeqExamples(val_pairs)
-    return RunParts(model, Seq2SeqBatches(train, cfg.run.seed, pad), Seq2SeqBatches(val, cfg.run.seed, pad, False),
-                    len(val), save, objective=Seq2SeqLoss(model), blocks=blocks)
+def t5_blocks(model: T5) -> list[nn.Module]:
+    return [*model.encoder["layers"], *model.decoder["layers"]]

@@ -1,6 +1,9 @@
 """The one training loop every method feeds: AdamW, a step-function LR schedule, gradient accumulation,
 clipping, bf16 autocast, activation checkpointing, exact resume, and DDP / FSDP under torchrun.
 
+A task hands the Trainer its ``RunParts``: the model, an objective (a module holding the model whose
+``forward(**batch)`` returns ``(sum of losses, number of targets)``), batch sources, frozen modules
+(teachers: run, never trained, wrapped or checkpointed), an ``evaluate`` hook and the save function.
 A data source only has to turn a list of global sample indices into a batch (``batch(indices)``); the
 Trainer decides which indices each rank and micro-batch takes: optimizer step ``s`` consumes samples
 ``s*G .. s*G+G-1`` of the global batch ``G = micro_batch_size * grad_accum * world``. The data position is
@@ -34,6 +37,38 @@ class BatchSource(Protocol):
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]: ...
 
 
+class Objective(Protocol):
+    """A module holding the trained model (and any frozen teacher); ``forward(**batch)`` returns the *sum*
+    of the batch's losses and the number of targets they are over, so the Trainer can normalise by the
+    global batch's targets."""
+
+    def __call__(self, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class RunParts:
+    """What a task hands the Trainer.
+
+    ``model``: the module trained and saved; ``train`` / ``val``: batch sources (``val_size`` samples in
+    ``val``); ``save(model_or_state_dict)``: writes the result (a state dict of ``model`` when gathered from
+    several ranks); ``objective``: default the causal LM loss; ``blocks``: what FSDP shards and torch.compile
+    compiles one by one (default ``model.layers``); ``frozen``: modules inside the objective that are run but
+    not trained (teachers) -- kept in eval mode, left out of DDP / FSDP and out of every checkpoint;
+    ``evaluate(model) -> {name: value}``: task metrics, run with the validation loss and at the end, written
+    to ``out_dir/evaluations.jsonl``.
+    """
+
+    model: nn.Module
+    train: BatchSource
+    val: BatchSource | None
+    val_size: int
+    save: Callable
+    objective: nn.Module | None = None
+    blocks: list[nn.Module] | None = None
+    frozen: list[nn.Module] = field(default_factory=list)
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -49,6 +84,15 @@ def total_steps(cfg: TrainConfig, world: int) -> int:
         return cfg.run.max_steps
     per_step = cfg.run.micro_batch_size * cfg.run.grad_accum * world * cfg.data.seq_len
     return max(1, math.ceil(cfg.run.max_tokens / per_step))
+
+
+def _prefix_of(objective: nn.Module, module: nn.Module) -> str:
+    """The state-dict prefix of ``module`` inside ``objective`` ("model." for the usual loss modules)."""
+    for name, candidate in objective.named_modules():
+        if candidate is module:
+            return f"{name}." if name else ""
+    raise SlmError(f"the objective {type(objective).__name__} does not hold the module "
+                   f"{type(module).__name__} it is meant to train or run")
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -67,10 +111,12 @@ class Trainer:
     def __init__(self, model: nn.Module, train_data: BatchSource, cfg: TrainConfig, d: Dist,
                  val_data: BatchSource | None = None, val_size: int = 0,
                  on_save: Callable[[nn.Module], None] | None = None, objective: nn.Module | None = None,
-                 blocks: list[nn.Module] | None = None):
-        """``objective`` is a module holding ``model`` (as ``.model``) whose ``forward(**batch)`` returns
-        (sum of token losses, number of target tokens); default: the causal LM loss. ``blocks`` are the
-        modules FSDP shards and torch.compile compiles one by one (default: ``model.layers``)."""
+                 blocks: list[nn.Module] | None = None, frozen: list[nn.Module] | None = None,
+                 evaluate: Callable[[nn.Module], dict[str, float]] | None = None):
+        """``objective``: a module holding ``model`` whose ``forward(**batch)`` returns (sum of token losses,
+        number of target tokens); default: the causal LM loss. ``blocks``: the modules FSDP shards and
+        torch.compile compiles one by one (default: ``model.layers``). ``frozen``: modules of the objective
+        that are not trained (teachers). ``evaluate``: task metrics of the model (see ``RunParts``)."""
         self.cfg, self.d = cfg, d
         self.out = Path(cfg.out_dir)
         self.model = model
@@ -79,6 +125,10 @@ class Trainer:
         self.steps = total_steps(cfg, d.world)
         self.global_batch = cfg.run.micro_batch_size * cfg.run.grad_accum * d.world
         self.frozen = any(not p.requires_grad for p in model.parameters())  # LoRA: checkpoint trainable only
+        self.frozen_modules = list(frozen or [])
+        for module in self.frozen_modules:
+            module.requires_grad_(False)
+        self.evaluate_fn = evaluate
 
         blocks = list(model.layers) if blocks is None else blocks
         if cfg.run.activation_checkpointing:
@@ -89,7 +139,11 @@ class Trainer:
         self.device = d.device
         self.precision = resolve_precision(cfg.run.precision, self.device, warn=d.main)
         model.to(self.device)
-        self.loss_module = wrap(objective if objective is not None else CausalLMLoss(model), blocks, d)
+        objective = objective if objective is not None else CausalLMLoss(model)
+        objective.to(self.device)
+        self.student_prefix = _prefix_of(objective, model)
+        self.skipped_prefixes = tuple(_prefix_of(objective, m) for m in self.frozen_modules)
+        self.loss_module = wrap(objective, blocks, d, self.frozen_modules)
         groups = _param_groups(self.loss_module, cfg.optim.weight_decay)
         fused = d.mode != "fsdp"  # fused AdamW does not take sharded (DTensor) parameters
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
@@ -102,12 +156,19 @@ class Trainer:
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=self.d.world > 1,
                                    ignore_frozen_params=self.frozen)
-        return get_state_dict(self.loss_module, self.optimizer, options=options)
+        model_sd, optim_sd = get_state_dict(self.loss_module, self.optimizer, options=options)
+        return self._without_frozen(model_sd), optim_sd
+
+    def _without_frozen(self, state: dict) -> dict:
+        """A state dict of the objective less the frozen modules' entries (teachers are not checkpointed)."""
+        if not self.skipped_prefixes:
+            return state
+        return {k: v for k, v in state.items() if not k.startswith(self.skipped_prefixes)}
 
     def _load_state_dicts(self, model_sd: dict, optim_sd: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        options = StateDictOptions(full_state_dict=True, strict=not self.frozen)
+        options = StateDictOptions(full_state_dict=True, strict=not (self.frozen or self.frozen_modules))
         set_state_dict(self.loss_module, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                        options=options)
 
@@ -219,7 +280,7 @@ class Trainer:
             for _ in range(rounds - done):
                 with self._autocast():
                     self.loss_module(**self._inputs(self.val_data.batch(picks[:1])))
-        self.loss_module.train()
+        self._train_mode()
         loss_sum, count = self.d.all_sum(loss_sum), self.d.all_sum(count)
         return float(loss_sum / count) if count > 0 else None
 
@@ -233,8 +294,30 @@ class Trainer:
 
         state = get_model_state_dict(self.loss_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.d.main:
-            self.on_save({k.removeprefix("model."): v for k, v in state.items()})
+            prefix = self.student_prefix
+            self.on_save({k[len(prefix):]: v for k, v in self._without_frozen(state).items() if k.startswith(prefix)})
         self.d.barrier()
+
+    def _train_mode(self) -> None:
+        self.loss_module.train()
+        for module in self.frozen_modules:  # a teacher's dropout stays off
+            module.eval()
+
+    def run_evaluate_hook(self, step: int) -> dict[str, float] | None:
+        """The task's own metrics of the model (main rank), appended to ``out_dir/evaluations.jsonl``."""
+        if self.evaluate_fn is None or not self.d.main:
+            return None
+        import json
+
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in self.evaluate_fn(self.model).items()}
+        self.model.train(was_training)
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "evaluations.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        return metrics
 
     # ------------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> TrainResult:
@@ -249,7 +332,7 @@ class Trainer:
                            f"choose another out_dir")
         start, tokens_seen = self._resume() if resume else (0, 0)
         logger = MetricsLogger(self.out, resume_step=start) if self.d.main else None
-        self.loss_module.train()
+        self._train_mode()
         bar = tqdm(total=self.steps, initial=start, unit="step", dynamic_ncols=True,
                    disable=not (cfg.run.progress and self.d.main))
         history, loss, val = [], float("nan"), None
@@ -267,17 +350,19 @@ class Trainer:
             done = step + 1
             tokens_since += self.step_tokens
             tokens_seen += self.step_tokens
+            metrics = None
             row: dict[str, Any] = {"tokens": tokens_seen, "loss": loss,
                                    "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
             if done % cfg.run.eval_every == 0 or done == self.steps:
                 val = self.evaluate()
                 row["val_loss"] = val
+                metrics = self.run_evaluate_hook(done)
             if done % cfg.run.log_every == 0 or "val_loss" in row:
                 row["tokens_per_s"] = tokens_since / max(train_seconds, 1e-9)  # elapsed_s: the logger's clock,
                 train_seconds, tokens_since = 0.0, 0                              # continued across resumes
                 if logger is not None:
                     logger.log(done, **row)
-                history.append({"step": done, **row})
+                history.append({"step": done, **row, **(metrics or {})})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}",
                             **({"val": f"{val:.4f}"} if val is not None else {}))
             bar.update(1)
