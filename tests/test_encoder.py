@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from slmkit.encoder_api import load_encoder  # noqa: E402
+from slmkit.api.encoder import load_encoder  # noqa: E402
 from slmkit.errors import ContextLengthError, ModelFileError, SlmError, UnsupportedError  # noqa: E402
 from slmkit.models.encoder import EncoderConfig  # noqa: E402
 

@@ -214,7 +214,7 @@ def pretrained(shared_data, tmp_path_factory):
 
 
 def test_pretrained_mlm_opens_in_transformers_with_the_same_logits(pretrained, shared_data):
-    from slmkit.encoder_api import load_encoder
+    from slmkit.api.encoder import load_encoder
     from slmkit.train.metrics import read_metrics
 
     rows = read_metrics(pretrained / "metrics.csv")
@@ -271,7 +271,7 @@ def _hf_accuracy(folder: Path, dev: Path) -> tuple[float, torch.Tensor]:
 
 
 def test_finetuned_classifier_opens_in_transformers_and_reports_its_accuracy(pretrained, shared_data, tmp_path):
-    from slmkit.encoder_api import load_encoder
+    from slmkit.api.encoder import load_encoder
 
     train, dev = _sst2_subset(shared_data, tmp_path)
     cfg = _classify_config(tmp_path / "cls.yaml", str(pretrained / "model"), tmp_path / "cls", train, dev)

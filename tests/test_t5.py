@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from slmkit.errors import ModelFileError, SlmError, UnsupportedError  # noqa: E402
 from slmkit.models.t5 import (T5Config, hf_to_t5_key, relative_position_bucket,  # noqa: E402
                               t5_to_hf_key)
-from slmkit.seq2seq_api import load_seq2seq  # noqa: E402
+from slmkit.api.seq2seq import load_seq2seq  # noqa: E402
 
 VOCAB = 96
 VARIANTS = {
@@ -394,7 +394,7 @@ def test_bad_inputs_are_named_errors(folders):
 def test_slmkit_load_and_describe_dispatch_to_t5(folders):
     import slmkit
     from slmkit.api import describe
-    from slmkit.seq2seq_api import Seq2SeqLM
+    from slmkit.api.seq2seq import Seq2SeqLM
 
     lm = slmkit.load(folders["v1.1"])
     assert isinstance(lm, Seq2SeqLM)

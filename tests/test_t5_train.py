@@ -18,7 +18,7 @@ import yaml
 
 from slmkit.errors import SlmError
 from slmkit.models.t5 import T5, T5Config
-from slmkit.seq2seq_api import load_seq2seq
+from slmkit.api.seq2seq import load_seq2seq
 from slmkit.train.corpus import PackedDataset
 from slmkit.train.metrics import read_metrics
 from slmkit.train.seq2seq_tasks import (SENTINELS, Seq2SeqLoss, SpanCorruptionBatches, compute_input_and_target_lengths,

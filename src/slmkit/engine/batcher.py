@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from ..errors import SlmError
-from .generate import Completion, _advance, _Row, check_context, prefill
+from .generate import Completion, RowState, advance_row, check_context, prefill
 from .sampling import SamplingParams, make_generator, next_tokens
 
 GROW = 256  # cache length is allocated in multiples of this many slots
@@ -50,7 +50,7 @@ class Sequence:
     ignore_eos: bool = False  # run to max_new_tokens (benchmarks)
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False
-    state: _Row | None = None
+    state: RowState | None = None
     generator: torch.Generator | None = None
     length: int = 0  # tokens stored in this sequence's cache row
 
@@ -242,7 +242,7 @@ class Batcher:
         positions = torch.arange(n, device=ids.device)[None]
         logits = prefill(self.model, ids, positions, None, _OneRow(self.cache, r))
         seq.length = n
-        seq.state = _Row(n)
+        seq.state = RowState(n)
         seq.generator = make_generator(seq.params, self.model.device)
         self.running.append(seq)
         self._take(seq, logits[0])
@@ -265,7 +265,7 @@ class Batcher:
         last = len(seq.state.ids) + 1 >= p.max_new_tokens
         produced = False
         eos = set() if seq.ignore_eos else self.eos_ids
-        for ev in _advance(0, seq.state, token, self.tokenizer, p.stop, eos, last):
+        for ev in advance_row(0, seq.state, token, self.tokenizer, p.stop, eos, last):
             produced = True
             seq.sink(Event(ev.delta, token, logprob, top, ev.done))
         if not produced:  # text held back (a possible stop string or half a character): still a token

@@ -35,7 +35,9 @@ class TextEvent:
 
 
 @dataclass
-class _Row:
+class RowState:
+    """One row's progress through generation (shared with engine.batcher)."""
+
     prompt_len: int
     ids: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of text already streamed
@@ -76,7 +78,7 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
         return
     for p in prompts:
         check_context(len(p), params.max_new_tokens, cfg.max_position_embeddings)
-    rows = [_Row(len(p)) for p in prompts]
+    rows = [RowState(len(p)) for p in prompts]
     if params.max_new_tokens == 0:
         for i, r in enumerate(rows):
             yield TextEvent(i, "", Completion("", [], "length", r.prompt_len))
@@ -111,7 +113,7 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
         last_step = step == params.max_new_tokens - 1
         for i, row in enumerate(rows):
             if row.finished is None:
-                yield from _advance(i, row, int(tokens[i]), tokenizer, params.stop, eos_ids, last_step)
+                yield from advance_row(i, row, int(tokens[i]), tokenizer, params.stop, eos_ids, last_step)
         if all(r.finished is not None for r in rows) or last_step:
             return
         slot = t + step
@@ -138,7 +140,8 @@ def _text(tokenizer, ids: list[int]) -> str:
     return "" if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _advance(i: int, row: _Row, token: int, tokenizer, stops: list[str], eos_ids: set[int], last_step: bool):
+def advance_row(i: int, row: RowState, token: int, tokenizer, stops: list[str], eos_ids: set[int],
+                last_step: bool):
     """Take one new token for a row; yield the text it settles (``tokenizer=None``: token ids only)."""
     if token in eos_ids:
         text = _text(tokenizer, row.ids)

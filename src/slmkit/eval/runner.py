@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..encoder_api import EncoderLM
+from ..api.encoder import EncoderLM
 from ..engine.generate import generate
 from ..engine.sampling import SamplingParams
 from ..errors import SlmError

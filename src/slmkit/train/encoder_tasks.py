@@ -35,7 +35,7 @@ import tokenizers
 from tokenizers import AddedToken, processors
 from torch import nn
 
-from ..encoder_api import EncoderLM, special_tokens_of
+from ..api.encoder import EncoderLM, special_tokens_of
 from ..errors import SlmError
 from ..models.encoder import EncoderConfig, EncoderModel
 from ..tokenizer import Tokenizer

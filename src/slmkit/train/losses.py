@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SlmError
-from .objectives import IGNORE
 
+IGNORE = -100  # the label of a position that carries no loss (labels follow transformers' convention)
 REDUCTIONS = ("sum", "mean", "none")
 
 

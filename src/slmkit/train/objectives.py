@@ -1,4 +1,10 @@
-"""Training objectives over slmkit's Decoder.
+"""Training objectives over slmkit's Decoder: the causal LM loss, and token-level distillation from a
+frozen teacher.
+
+An objective is a module holding the trained model (as ``.model``) and whatever else its loss needs (a
+frozen teacher, a projection); ``forward(**batch)`` returns ``(loss_sum, n_targets)``. The masked-LM and
+seq2seq objectives live with their model families (``train/encoder_tasks.py``, ``train/seq2seq_tasks.py``);
+the loss formulas distillation methods share are in ``train/losses.py``.
 
 Causal LM: predict token t+1 from tokens <= t; labels of -100 carry no loss (chat SFT puts loss on the
 assistant's tokens only by labelling the rest -100). With packing, several documents share a window; with
@@ -15,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from .losses import IGNORE, token_kl
 
 
 def document_attention_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -43,3 +49,30 @@ class CausalLMLoss(nn.Module):
             hidden, labels = hidden[keep], labels[keep]
         logits = self.model.head(hidden)
         return F.cross_entropy(logits.float(), labels, reduction="sum"), count
+
+
+class DistillationLoss(nn.Module):
+    """Token-level knowledge distillation (Hinton et al. 2015) for causal LMs:
+    ``alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(labels)`` summed over the target
+    positions, the teacher run without gradients. The teacher must share the student's vocabulary. Pass the
+    teacher to the Trainer in ``RunParts.frozen``: it is then neither trained nor checkpointed."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, temperature: float = 2.0, alpha: float = 0.5):
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be within [0, 1], got {alpha}")
+        self.model, self.teacher, self.temperature, self.alpha = model, teacher, temperature, alpha
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = document_attention_mask(segments) if segments is not None else None
+        keep = labels.flatten() != IGNORE
+        hidden = self.model.features(input_ids, positions=positions, attn_mask=mask).flatten(0, 1)[keep]
+        student = self.model.head(hidden).float()
+        with torch.no_grad():
+            t_hidden = self.teacher.features(input_ids, positions=positions, attn_mask=mask).flatten(0, 1)[keep]
+            teacher = self.teacher.head(t_hidden).float()
+        loss = self.alpha * token_kl(student, teacher, self.temperature)
+        if self.alpha < 1.0:
+            loss = loss + (1.0 - self.alpha) * F.cross_entropy(student, labels.flatten()[keep], reduction="sum")
+        return loss, keep.sum()

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import SlmError
 from ..models.t5 import T5, T5Config
-from ..seq2seq_api import Seq2SeqLM, load_seq2seq
+from ..api.seq2seq import Seq2SeqLM, load_seq2seq
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
 from .distributed import Dist

@@ -21,15 +21,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .errors import ModelFileError, SlmError, UnsupportedError
-from .formats.hf import read_hf_json, read_hf_state_dict, write_folder_atomically
-from .models.encoder import (EncoderConfig, EncoderModel, encoder_state_for_hf, hf_architecture,
-                             load_encoder_state, mean_pool)
-from .tokenizer import Tokenizer
+from ..errors import ModelFileError, SlmError, UnsupportedError
+from ..formats.hf import read_hf_json, read_hf_state_dict, write_folder_atomically
+from ..models.encoder import (EncoderConfig, EncoderModel, encoder_state_for_hf, hf_architecture,
+                              load_encoder_state, mean_pool)
+from ..tokenizer import Tokenizer
+from .common import describe_tokenizer, dtype_name, read_optional_json, resolve_dtype, tensor_dtypes
 
 ENCODER_MODEL_TYPES = ("bert", "roberta")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 _POOLINGS = ("mean", "cls")
 _EXTRA_SPECIAL = ("cls_token", "sep_token", "mask_token")
 
@@ -161,7 +160,7 @@ class EncoderLM:
         """Write an HF folder (config.json, model.safetensors, tokenizer files) that transformers opens."""
         state = {k: v.contiguous().cpu() for k, v in encoder_state_for_hf(self.model).items()}
         hf_cfg = {"architectures": [hf_architecture(self.model)], **self.config.to_hf(),
-                  "dtype": str(self.model.dtype).replace("torch.", "")}
+                  "dtype": dtype_name(self.model.dtype)}
 
         def fill(tmp: Path) -> None:
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -183,8 +182,7 @@ class EncoderLM:
 
     def info(self) -> dict:
         """What ``slm info`` prints for an encoder."""
-        cfg, backend = self.config, self.tokenizer.backend
-        pre = type(backend.pre_tokenizer).__name__ if backend.pre_tokenizer is not None else "none"
+        cfg = self.config
         kinds: dict[str, int] = {}
         for kind in self.tensor_types.values():
             kinds[kind] = kinds.get(kind, 0) + 1
@@ -205,9 +203,9 @@ class EncoderLM:
             "token_types": cfg.type_vocab_size,
             "num_labels": cfg.num_labels if self.model.classifier is not None else None,
             "parameters": self.num_parameters(),
-            "compute_dtype": str(self.model.dtype).replace("torch.", ""),
+            "compute_dtype": dtype_name(self.model.dtype),
             "tensor_types": kinds,
-            "tokenizer": f"{type(backend.model).__name__}, {self.tokenizer.vocab_size} tokens, pre-tokenizer {pre}",
+            "tokenizer": describe_tokenizer(self.tokenizer),
             "special_tokens": {k: v for k, v in {**self.tokenizer.special_tokens, **self.special_tokens}.items() if v},
         }
 
@@ -223,17 +221,15 @@ def load_encoder(path: str | Path, dtype: str | torch.dtype = "float32") -> Enco
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ModelFileError(f"{folder}: not a folder; an encoder loads from a Hugging Face model folder")
-    torch_dtype = _DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-    if torch_dtype not in _DTYPES.values():
-        raise SlmError(f"unknown dtype {dtype!r} (choose from {', '.join(_DTYPES)})")
+    torch_dtype = resolve_dtype(dtype, known_only=True)
     hf = read_hf_json(folder)
     cfg = EncoderConfig.from_hf(hf)
     state = read_hf_state_dict(folder, None)
     model = load_encoder_state(cfg, state, torch_dtype, hf.get("architectures"), source=str(folder))
     tokenizer = Tokenizer.from_hf_dir(folder)
-    types = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
-    st = _read_json(folder / "sentence_bert_config.json")
-    pooling_cfg = _read_json(folder / "1_Pooling" / "config.json")
+    types = tensor_dtypes(state)
+    st = read_optional_json(folder / "sentence_bert_config.json")
+    pooling_cfg = read_optional_json(folder / "1_Pooling" / "config.json")
     pooling = "cls" if pooling_cfg.get("pooling_mode_cls_token") and not pooling_cfg.get("pooling_mode_mean_tokens") \
         else "mean"
     return EncoderLM(model, tokenizer, str(folder), types, special_tokens_of(folder),
@@ -242,7 +238,8 @@ def load_encoder(path: str | Path, dtype: str | torch.dtype = "float32") -> Enco
 
 def special_tokens_of(folder: Path) -> dict[str, str]:
     """cls / sep / mask tokens from tokenizer_config.json or special_tokens_map.json."""
-    config, token_map = _read_json(folder / "tokenizer_config.json"), _read_json(folder / "special_tokens_map.json")
+    config = read_optional_json(folder / "tokenizer_config.json")
+    token_map = read_optional_json(folder / "special_tokens_map.json")
     out = {}
     for name in _EXTRA_SPECIAL:
         value = config.get(name, token_map.get(name))
@@ -251,15 +248,6 @@ def special_tokens_of(folder: Path) -> dict[str, str]:
         if isinstance(value, str):
             out[name] = value
     return out
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModelFileError(f"{path}: invalid JSON ({e})") from None
 
 
 def _as_list(texts: str | Sequence[str], what: str) -> list[str]:

@@ -1,8 +1,9 @@
-"""The Python API: ``slmkit.load(name_or_path)`` and the ``LM`` object it returns."""
+"""Decoder language models: ``load_decoder`` (a ``.gguf`` file, a Hugging Face folder or a compact folder) and
+the ``LM`` object it returns. ``slmkit.load`` (the package) picks this family for every checkpoint that is not
+an encoder or an encoder-decoder."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -10,25 +11,19 @@ from typing import Iterator, Sequence
 
 import torch
 
-from . import memory
-from .config import ModelConfig
-from .encoder_api import EncoderLM, is_encoder_config, load_encoder
-from .seq2seq_api import Seq2SeqLM, is_seq2seq_config, load_seq2seq
-from .engine.generate import Completion, TextEvent, generate, iter_generate
-from .engine.sampling import SamplingParams
-from .errors import ModelFileError, SlmError
-from .formats.gguf import GGUFFile
-from .formats.gguf_model import file_quant, open_gguf_model
-from .formats.compact import build_compact, compact_state, is_compact, read_compact, write_compact
-from .formats.hf import read_hf_config, read_hf_json, read_hf_state_dict, write_hf
-from .formats.registry import REGISTRY, resolve
-from .models.build import build_decoder
-from .models.decoder import Decoder
-from .nn.quant import check_mode
-from .tokenizer import Tokenizer
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+from ..config import ModelConfig
+from ..engine.generate import Completion, TextEvent, generate, iter_generate
+from ..engine.sampling import SamplingParams
+from ..errors import SlmError
+from ..formats.gguf import GGUFFile
+from ..formats.gguf_model import file_quant, open_gguf_model
+from ..formats.compact import build_compact, compact_state, is_compact, read_compact, write_compact
+from ..formats.hf import read_hf_config, read_hf_json, read_hf_state_dict, write_hf
+from ..models.build import build_decoder
+from ..models.decoder import Decoder
+from ..nn.quant import check_mode
+from ..tokenizer import Tokenizer
+from .common import describe_tokenizer, dtype_name, resolve_dtype, tensor_dtypes
 
 
 class LM:
@@ -140,8 +135,8 @@ class LM:
         return self.config.num_parameters()
 
     def info(self) -> dict:
-        return model_info(self.config, self.tokenizer, self.source, self.tensor_types,
-                          str(self.model.dtype).replace("torch.", ""), self.model.quant)
+        return model_info(self.config, self.tokenizer, self.source, self.tensor_types, dtype_name(self.model.dtype),
+                          self.model.quant)
 
 
 def model_info(cfg: ModelConfig, tokenizer: Tokenizer, source: str, tensor_types: dict[str, str],
@@ -173,26 +168,6 @@ def model_info(cfg: ModelConfig, tokenizer: Tokenizer, source: str, tensor_types
     }
 
 
-def describe(name_or_path: str | Path) -> dict:
-    """``model_info`` of a model without loading its weights (a GGUF is described from its header)."""
-    path = _resolve_path(name_or_path)
-    if path.is_file():
-        gguf = GGUFFile(path)
-        cfg, _ = open_gguf_model(gguf)
-        types = {n: info.type_name for n, info in gguf.tensors.items()}
-        mode, kind = file_quant(gguf)
-        return model_info(cfg, Tokenizer.from_gguf_metadata(gguf.metadata), str(path), types, "float32",
-                          f"{mode} (the default for this file's {kind})" if mode != "none" else "none")
-    return load(path).info()
-
-
-def describe_tokenizer(tokenizer: Tokenizer) -> str:
-    backend = tokenizer.backend
-    model = type(backend.model).__name__
-    pre = type(backend.pre_tokenizer).__name__ if backend.pre_tokenizer is not None else "none"
-    return f"{model}, {tokenizer.vocab_size} tokens, pre-tokenizer {pre}"
-
-
 def _tensor_group(name: str) -> str:
     """``blk.3.attn_q.weight`` / ``model.layers.3.self_attn.q_proj.weight`` -> ``attn_q.weight`` style groups."""
     parts = name.split(".")
@@ -200,72 +175,39 @@ def _tensor_group(name: str) -> str:
     return ".".join(parts[digits[0] + 1:]) if digits else name
 
 
-def _resolve_path(name_or_path: str | Path) -> Path:
-    """A registry name, file or folder -> the file or folder to read (a folder holding one .gguf -> that file)."""
-    name = str(name_or_path)
-    path = resolve(name) if name in REGISTRY else Path(name).expanduser()
-    if not path.exists():
-        known = ", ".join(REGISTRY)
-        raise ModelFileError(f"{name}: no such file or folder, and not a registry name ({known})")
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").is_file() and len(ggufs) == 1:
-            path = ggufs[0]
-    return path
+def describe_gguf(path: str | Path) -> dict:
+    """``model_info`` of a GGUF file, from its header (no weights are read)."""
+    path = Path(path)
+    gguf = GGUFFile(path)
+    cfg, _ = open_gguf_model(gguf)
+    types = {n: info.type_name for n, info in gguf.tensors.items()}
+    mode, kind = file_quant(gguf)
+    return model_info(cfg, Tokenizer.from_gguf_metadata(gguf.metadata), str(path), types, "float32",
+                      f"{mode} (the default for this file's {kind})" if mode != "none" else "none")
 
 
-def set_threads(threads: int | None) -> None:
-    n = threads or os.cpu_count() or 1
-    if n < 1:
-        raise SlmError(f"threads must be >= 1, got {threads}")
-    torch.set_num_threads(n)
-
-
-def load(name_or_path: str | Path, dtype: str | torch.dtype = "float32", threads: int | None = None,
-         quant: str | None = None) -> "LM | EncoderLM | Seq2SeqLM":
-    """Load a registry name, a ``.gguf`` file, or a Hugging Face folder.
-
-    ``quant``: by default (``None`` or ``"auto"``) a GGUF file runs in the compact form of its own quantization,
-    as llama.cpp runs it (Q4_0/Q4_1/Q4_K... -> ``int4``, Q5/Q6/Q8 -> ``int8``, F16/BF16/F32 -> float; see
-    ``formats.gguf_model.file_quant``) and everything else in float; ``"none"`` gives the float model, ``"int8"``
-    / ``"int4"`` compact weights for fast CPU inference (see formats.compact). ``lm.info()["quantization"]``
-    says which mode runs.
-    """
+def load_decoder(path: str | Path, dtype: str | torch.dtype = "float32", quant: str | None = None,
+                 hf_json: dict | None = None) -> LM:
+    """Load a decoder from a ``.gguf`` file, a Hugging Face folder or a compact folder (``quant``: see
+    ``slmkit.load``). ``hf_json``: the folder's config.json when the caller has read it already."""
     quant = "auto" if quant in (None, "auto") else check_mode(quant)
-    with memory.loading():  # large temporaries go straight back to the system, then buffers are reused
-        return _load(name_or_path, dtype, threads, quant)
-
-
-def _load(name_or_path, dtype, threads, quant: str):
-    if threads is not None:
-        set_threads(threads)
-    torch_dtype = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-    if torch_dtype is None:
-        raise SlmError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    path = _resolve_path(name_or_path)
+    torch_dtype = resolve_dtype(dtype)
+    path = Path(path).expanduser()
     if path.is_dir():
         quant = "none" if quant == "auto" else quant  # a Hugging Face folder stays float unless asked
-        hf_json = read_hf_json(path)
-        if is_encoder_config(hf_json):  # BERT / RoBERTa
-            if quant != "none":
-                raise SlmError(f"{path} is a {hf_json['model_type']} encoder; quant= applies to decoder models only")
-            return load_encoder(path, torch_dtype)
-        if is_seq2seq_config(hf_json):  # T5 / Flan-T5
-            if quant != "none":
-                raise SlmError(f"{path} is a T5 encoder-decoder; quant= applies to decoder models only")
-            return load_seq2seq(path, torch_dtype)
+        hf_json = read_hf_json(path) if hf_json is None else hf_json
         if is_compact(hf_json):
             if quant != "none":  # (a default load asks for "none" here: the folder says what it is)
                 raise SlmError(f"{path} is already a compact ({hf_json['quantization_config'].get('mode')}) "
                                f"checkpoint; load it without quant=")
             state = read_hf_state_dict(path, None)
-            types = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
+            types = tensor_dtypes(state)
             model = read_compact(path, hf_json, state, torch_dtype)  # takes the layers out of state
             return LM(model, Tokenizer.from_hf_dir(path), str(path), types)
         cfg = read_hf_config(path)
         weights = read_hf_state_dict(path, cfg.family)
         tokenizer = Tokenizer.from_hf_dir(path)
-        types = {k: str(v.dtype).replace("torch.", "") for k, v in weights.items()}
+        types = tensor_dtypes(weights)
     else:
         gguf = GGUFFile(path)
         cfg, weights = open_gguf_model(gguf)  # lazy: each tensor is dequantized when asked for

@@ -13,10 +13,11 @@ from typing import Sequence
 import torch
 from safetensors.torch import save_file
 
-from .errors import ModelFileError, SlmError
-from .formats.hf import read_hf_json, read_hf_state_dict, write_folder_atomically
-from .models.t5 import T5, build_t5, t5_state_to_hf
-from .tokenizer import Tokenizer
+from ..errors import ModelFileError, SlmError
+from ..formats.hf import read_hf_json, read_hf_state_dict, write_folder_atomically
+from ..models.t5 import T5, build_t5, t5_state_to_hf
+from ..tokenizer import Tokenizer
+from .common import describe_tokenizer, dtype_name, read_optional_json, resolve_dtype, tensor_dtypes
 
 SEQ2SEQ_MODEL_TYPES = {"t5"}
 
@@ -148,7 +149,7 @@ class Seq2SeqLM:
         cfg = self.config
         state = t5_state_to_hf(self.model.state_dict(), cfg)
         hf_cfg = cfg.to_hf()
-        hf_cfg["dtype"] = str(state["shared.weight"].dtype).replace("torch.", "")
+        hf_cfg["dtype"] = dtype_name(state["shared.weight"].dtype)
         gen = {"decoder_start_token_id": self.decoder_start_id, "eos_token_id": cfg.eos_token_id,
                "pad_token_id": cfg.pad_token_id}
 
@@ -166,8 +167,6 @@ class Seq2SeqLM:
 
     def info(self) -> dict:
         """What ``slm info`` prints for an encoder–decoder model."""
-        from .api import describe_tokenizer
-
         cfg = self.config
         groups: Counter = Counter()
         for name, kind in self.tensor_types.items():
@@ -189,7 +188,7 @@ class Seq2SeqLM:
                                   f"{cfg.relative_attention_max_distance}",
             "tied_embeddings": cfg.tie_word_embeddings,
             "parameters": cfg.num_parameters(),
-            "compute_dtype": str(self.model.dtype).replace("torch.", ""),
+            "compute_dtype": dtype_name(self.model.dtype),
             "quantization": "none",
             "tensor_types": {f"{g} [{k}]": n for (g, k), n in sorted(groups.items())},
             "tokenizer": describe_tokenizer(self.tokenizer) if self.tokenizer is not None else "none",
@@ -200,11 +199,7 @@ class Seq2SeqLM:
 
 def load_seq2seq(path: str | Path, dtype: str | torch.dtype = "float32") -> Seq2SeqLM:
     """Load a Hugging Face T5 / Flan-T5 folder (config.json with model_type t5 + safetensors or .bin)."""
-    from .api import DTYPES
-
-    torch_dtype = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-    if torch_dtype is None:
-        raise SlmError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    torch_dtype = resolve_dtype(dtype)
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ModelFileError(f"{folder}: not a model folder")
@@ -213,10 +208,5 @@ def load_seq2seq(path: str | Path, dtype: str | torch.dtype = "float32") -> Seq2
     model = build_t5(hf_json, weights, torch_dtype, source=str(folder))
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
     tokenizer = Tokenizer.from_hf_dir(folder) if has_tokenizer else None
-    gen_path = folder / "generation_config.json"
-    try:
-        generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise ModelFileError(f"{gen_path}: invalid JSON ({e})") from None
-    types = {k: str(v.dtype).replace("torch.", "") for k, v in weights.items()}
-    return Seq2SeqLM(model, tokenizer, str(folder), types, generation)
+    generation = read_optional_json(folder / "generation_config.json")
+    return Seq2SeqLM(model, tokenizer, str(folder), tensor_dtypes(weights), generation)
