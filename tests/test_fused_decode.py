@@ -19,7 +19,9 @@ from slmkit.engine.kv_cache import KVCache
 from slmkit.engine.sampling import SamplingParams
 from slmkit.formats.compact import build_compact, compact_state
 from slmkit.models.decoder import Decoder
-from slmkit.nn.quant import DENSE_ROWS
+from slmkit.nn.quant import dense_rows
+
+DENSE_FROM = dense_rows()  # this CPU's crossover: 32 rows with native bf16, 128 where it is emulated
 
 ops = kernels.load()
 pytestmark = pytest.mark.skipif(ops is None, reason="the fused layer needs slmkit's kernels (x86 AVX2, a C++ compiler)")
@@ -75,7 +77,7 @@ def decode_logits(model: Decoder, prompt: torch.Tensor, steps: int, key_valid=No
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("qkv_bias", [False, True])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows", [3, DENSE_ROWS])  # a batch of DENSE_ROWS takes the dense path in both
+@pytest.mark.parametrize("rows", [3, DENSE_FROM])  # a batch of DENSE_FROM rows takes the dense path in both
 def test_fused_steps_match_the_eager_layers(mode, qkv_bias, cache_dtype, rows):
     fused = tiny_compact(mode, qkv_bias)
     assert fused._fused_decode_layers() is not None, "the fused path should cover this model"
@@ -132,7 +134,7 @@ def test_decode_layer_names_bad_inputs():
     cache = KVCache(model.cfg, 2, 8, torch.float32)
     keys, values, slots, span = cache.decode_slots(3, 2)
     good = dict(x=torch.zeros(2, 64), positions=torch.tensor([3, 3]), keys=keys[0], values=values[0], slots=slots,
-                span=span, valid=None, dense_rows=DENSE_ROWS)
+                span=span, valid=None, dense_rows=DENSE_FROM)
     layer.forward(**good)
     with pytest.raises(RuntimeError, match=r"x: contiguous float32 \[B, D\]"):
         layer.forward(**{**good, "x": torch.zeros(2, 63)})

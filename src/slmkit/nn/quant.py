@@ -19,6 +19,7 @@ of two paths, chosen by the number of rows (:func:`compact_path`):
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,11 @@ from .. import kernels
 
 INT4_GROUP = 32
 QUANT_MODES = ("none", "int8", "int4")
-DENSE_ROWS = 32  # rows from which the dense bf16 path is faster (measured: docs/benchmarks.md, "prefill path")
+# rows from which the dense path is faster than the block kernels (bench/prefill_path.py; docs/benchmarks.md,
+# "prefill path"): where oneDNN multiplies bf16 natively (AMX, AVX-512 BF16) from 32 rows; where bf16 is
+# emulated in float32 (AVX2-only CPUs) the expanded weight costs more and the crossover is at 128 rows
+DENSE_ROWS = 32
+DENSE_ROWS_EMULATED = 128
 DENSE_SLICE = 8192  # output rows expanded at a time on the dense path (the tied head: 8192 x 576 bf16 = 9 MB)
 PATHS = ("auto", "dense", "avx512", "avx2", "torch")
 _forced_path = "auto"
@@ -62,9 +67,12 @@ def block_kernels_forced_off() -> bool:
 
 
 def dense_rows() -> int:
-    """Rows from which a compact layer takes the dense path now (for the fused decode layer, which chooses
-    as CompactLinear.path does): DENSE_ROWS, or never while a block-kernel path is forced."""
-    return DENSE_ROWS if _forced_path == "auto" else 2 ** 62
+    """Rows from which a compact layer takes the dense path now (CompactLinear.path and the fused decode
+    layer choose alike): DENSE_ROWS where this CPU multiplies bf16 natively, DENSE_ROWS_EMULATED where it
+    does not; never while another path is forced (and from one row while ``dense`` is)."""
+    if _forced_path == "auto":
+        return DENSE_ROWS if fast_bf16() else DENSE_ROWS_EMULATED
+    return 1 if _forced_path == "dense" else 2 ** 62
 
 
 @contextlib.contextmanager
@@ -77,6 +85,7 @@ def compact_path(path: str):
         set_compact_path(previous)
 
 
+@functools.cache
 def fast_bf16() -> bool:
     """True when this CPU multiplies bf16 matrices in hardware (oneDNN: AMX or AVX-512), not by emulation."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -112,7 +121,7 @@ class CompactLinear(nn.Module):
     def path(self, rows: int) -> str:
         if _forced_path != "auto":
             return "dense" if _forced_path == "dense" else ("torch" if _forced_path == "torch" else "kernel")
-        if rows >= DENSE_ROWS:
+        if rows >= dense_rows():
             return "dense"
         return "kernel" if self.kernel is not None else "torch"
 
