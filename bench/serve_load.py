@@ -7,6 +7,8 @@
 1. One streaming client, 64 tokens (``ignore_eos``): its tokens/s.
 2. ``--clients`` streaming clients at once, 64 tokens each: all must finish; aggregate tokens/s and the
    ratio to one client; the server's RSS before and after (after the burst and a short idle).
+   Steps 0-2 repeat ``--rounds`` times, alternating (the server idles while the baseline runs), and the
+   report keeps each round and the medians: on a shared machine one pair of runs can differ by 25 %.
    Rates are measured alike on both sides: one stream's rate over its decode phase (first to last token),
    the aggregate as all tokens over the wall time from sending the requests to the last token.
 3. ``--soak`` requests with random parameters (completions and chat, streamed or not, temperature,
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -35,6 +38,17 @@ except ImportError:  # the openai client (a test extra) brings its fork under th
     import httpx2 as httpx
 
 MODEL = "bench"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def rss_mb(pid: int) -> float:
@@ -215,24 +229,36 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--soak", type=int, default=500)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating in-process / server rounds (medians kept)")
     ap.add_argument("--output", default=None)
     ap.add_argument("--engine-only", help=argparse.SUPPRESS)  # step 0's worker process
     args = ap.parse_args()
     if args.engine_only:
         print(json.dumps(engine_only(*json.loads(args.engine_only))))
         return
-    baseline = in_process(args.model, args.quant, args.threads, args.max_batch, args.clients, args.tokens)
-    print("in process:", json.dumps(baseline), flush=True)
     proc, base = start_server(args.model, "--model-id", MODEL, "--max-batch", str(args.max_batch),
                               "--threads", str(args.threads), "--quant", args.quant)
-    report = {"model": args.model, "quant": args.quant, "threads": args.threads, "in_process": baseline}
+    report = {"model": args.model, "quant": args.quant, "threads": args.threads, "cpu": cpu_name()}
     try:
         asyncio.run(concurrency(base, 1, 8))  # warm: first allocations and kernels
         time.sleep(2)
         report["rss_before_mb"] = rss_mb(proc.pid)
-        report["concurrency"] = c = asyncio.run(concurrency(base, args.clients, args.tokens))
-        c["single_vs_in_process"] = c["single_tok_s"] / baseline["single_tok_s"]
-        c["aggregate_vs_in_process"] = c["aggregate_tok_s"] / baseline["aggregate_tok_s"]
+        rounds = []
+        for r in range(args.rounds):  # baseline and server alternate, so the machine's noise hits both alike
+            baseline = in_process(args.model, args.quant, args.threads, args.max_batch, args.clients, args.tokens)
+            c = asyncio.run(concurrency(base, args.clients, args.tokens))
+            c["in_process"] = baseline
+            c["single_vs_in_process"] = c["single_tok_s"] / baseline["single_tok_s"]
+            c["aggregate_vs_in_process"] = c["aggregate_tok_s"] / baseline["aggregate_tok_s"]
+            print(f"round {r + 1}:", json.dumps(c), flush=True)
+            rounds.append(c)
+        report["rounds"] = rounds
+        report["in_process"] = {k: median([c["in_process"][k] for c in rounds])
+                                for k in ("single_tok_s", "aggregate_tok_s")}
+        report["concurrency"] = c = {k: median([c[k] for c in rounds]) for k in
+                                     ("single_tok_s", "aggregate_tok_s", "ratio", "wall_s", "single_vs_in_process",
+                                      "aggregate_vs_in_process")}
+        c["clients"], c["errors"] = args.clients, sum(r["errors"] for r in rounds)
         time.sleep(3)
         report["rss_after_mb"] = rss_mb(proc.pid)
         report["rss_change_pct"] = 100 * (report["rss_after_mb"] / report["rss_before_mb"] - 1)
