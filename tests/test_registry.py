@@ -170,11 +170,23 @@ def build_distill(cfg, d) -> RunParts:
     source = CountingBatches(CountingSection())
     out = Path(cfg.out_dir)
 
-    def save(trained):
+    def save(trained):  # the module, or its state dict gathered from the ranks of a distributed run
         (out / "model").mkdir(parents=True, exist_ok=True)
-        torch.save(trained.state_dict(), out / "model" / "student.pt")
+        torch.save(trained if isinstance(trained, dict) else trained.state_dict(), out / "model" / "student.pt")
 
     return RunParts(student, source, None, 0, save, objective=objective, frozen=[teacher])
+
+
+DISTRIBUTED_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_registry import DistillSection, build_distill
+from slmkit.train.config import load_config
+from slmkit.train.registry import register_task
+from slmkit.train.run import train
+register_task("toy_distill", build_distill, section=DistillSection, key="distill")
+train(load_config(sys.argv[1]))
+"""
 
 
 def test_distillation_with_a_frozen_teacher_checkpoints_the_student_only(tmp_path):
@@ -242,3 +254,39 @@ def test_distillation_loss_is_its_formula():
     ce = F.cross_entropy(s, batch["labels"].flatten()[keep], reduction="sum")
     assert int(count) == int(keep.sum()) == 13
     torch.testing.assert_close(loss, 0.25 * kl + 0.75 * ce, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_distillation_on_two_ranks_follows_one_process(tmp_path, mode):
+    """Under torchrun the teacher is left out of DDP / FSDP (a full copy per rank, never synchronised or
+    sharded): two ranks give the single process's losses and the same student, and the gathered state dict
+    holds the student only."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    register_task("toy_distill", build_distill, section=DistillSection, key="distill", replace=True)
+    try:
+        train(config_from_dict(config(tmp_path / "one", "toy_distill", steps=4)))
+    finally:
+        unregister_task("toy_distill")
+    raw = config(tmp_path / "two", "toy_distill", steps=4)
+    raw["run"].update(grad_accum=1, distributed=mode)
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(raw))
+    script = tmp_path / "run_distill.py"
+    script.write_text(DISTRIBUTED_SCRIPT.format(tests=str(Path(__file__).parent)))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--nproc_per_node=2", str(script), str(tmp_path / "two.yaml")],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "two")), torch.tensor(train_losses(tmp_path / "one")),
+                               rtol=1e-5, atol=1e-5)
+    one = torch.load(tmp_path / "one" / "model" / "student.pt")
+    two = torch.load(tmp_path / "two" / "model" / "student.pt")
+    assert one.keys() == two.keys() == tiny_decoder(1).state_dict().keys()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
+    state = load_checkpoint(latest_checkpoint(tmp_path / "two" / "checkpoints"))
+    assert not any(k.startswith("teacher.") for k in state["model"])
