@@ -279,7 +279,7 @@ def test_distillation_on_two_ranks_follows_one_process(tmp_path, mode):
     script = tmp_path / "run_distill.py"
     script.write_text(DISTRIBUTED_SCRIPT.format(tests=str(Path(__file__).parent)))
     torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run([str(torchrun), "--nproc_per_node=2", str(script), str(tmp_path / "two.yaml")],
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "two.yaml")],
                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "two")), torch.tensor(train_losses(tmp_path / "one")),

@@ -177,7 +177,7 @@ def test_two_processes_follow_the_single_process_trajectory(prepared, tmp_path, 
     assert slm("pretrain", str(single)).returncode == 0
     two = write_config(tmp_path / "two.yaml", prepared, tmp_path / "two", grad_accum=1, distributed=mode)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(TORCHRUN), "--nproc_per_node=2", "-m", "slmkit", "pretrain", str(two)],
+    result = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "slmkit", "pretrain", str(two)],
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), atol=1e-5, rtol=1e-5)
