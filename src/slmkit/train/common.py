@@ -7,6 +7,7 @@ A task module (``slmkit.train.tasks.*``, ``slmkit.methods.*``) builds its ``RunP
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,6 +26,15 @@ def data_path(path: str) -> str:
         hint = "" if p.is_absolute() and Path(path).is_absolute() else " (relative data paths resolve against $SLMKIT_DATA)"
         raise SlmError(f"data path {p} does not exist{hint}")
     return str(p)
+
+
+def scratch_vocab_size(fields: dict, tokenizer_vocab: int) -> int:
+    """A scratch model's vocabulary: ``model.config.vocab_size`` when set (popped from ``fields``), else the
+    tokenizer's rounded up to a multiple of 64; never smaller than the tokenizer's."""
+    size = fields.pop("vocab_size", None) or 64 * math.ceil(tokenizer_vocab / 64)
+    if size < tokenizer_vocab:
+        raise SlmError(f"model.config.vocab_size {size} is smaller than the tokenizer's {tokenizer_vocab}")
+    return size
 
 
 def on_main_then_all(d: Dist, make: Callable[[], object], ready: Callable[[], bool]) -> None:

@@ -5,7 +5,6 @@ fine-tune, and the saver that writes the result in Hugging Face layout (plus the
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from ..errors import SlmError
 from ..formats.gguf_model import FLOAT_TYPES
 from ..models.decoder import Decoder
 from ..tokenizer import Tokenizer
-from .common import on_main_then_all
+from .common import on_main_then_all, scratch_vocab_size
 from .config import TrainConfig
 from .distributed import Dist
 
@@ -118,9 +117,7 @@ def scratch_tokenizer(cfg: TrainConfig, d: Dist) -> Tokenizer:
 
 def scratch_model(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[Decoder, ModelConfig]:
     fields = dict(cfg.model.config)
-    vocab = fields.pop("vocab_size", None) or 64 * math.ceil(tokenizer.vocab_size / 64)
-    if vocab < tokenizer.vocab_size:
-        raise SlmError(f"model.config.vocab_size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    vocab = scratch_vocab_size(fields, tokenizer.vocab_size)
     special = tokenizer.special_tokens
     ids = {k: tokenizer.token_to_id(special[t]) if special.get(t) else None
            for k, t in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"), ("pad_token_id", "pad_token"))}

@@ -21,7 +21,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -43,7 +42,7 @@ from .bpe import train_bpe
 from .config import TrainConfig
 from .distributed import Dist
 from .epochs import EpochOrder
-from .common import on_main_then_all
+from .common import on_main_then_all, scratch_vocab_size
 
 IGNORE = -100
 ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # ids 0..4, as in roberta-base
@@ -371,9 +370,7 @@ def scratch_encoder(cfg: TrainConfig, vocab: EncoderVocab, heads: tuple[str, ...
                 "type_vocab_size": 1 if roberta else 2, "layer_norm_eps": 1e-5 if roberta else 1e-12,
                 "max_position_embeddings": 514 if roberta else 512}
     tok = vocab.tokenizer
-    size = fields.pop("vocab_size", None) or 64 * math.ceil(tok.vocab_size / 64)
-    if size < tok.vocab_size:
-        raise SlmError(f"model.config.vocab_size {size} is smaller than the tokenizer's {tok.vocab_size}")
+    size = scratch_vocab_size(fields, tok.vocab_size)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id", "num_labels", "id2label"):
         if key in fields:
             raise SlmError(f"model.config.{key}: set by the tokenizer and model.num_labels / model.labels")
@@ -455,6 +452,16 @@ def labelled_examples(files: list[str], cfg: TrainConfig, vocab: EncoderVocab, m
     rows = [r for f in files for r in read_labelled(f, cfg.data.text_column, cfg.data.label_column)]
     labels = [label_index(raw, cfg.model.num_labels, cfg.model.labels or [], where) for _, raw, where in rows]
     return list(zip(encode_texts(vocab.tokenizer, [text for text, _, _ in rows], max_length), labels))
+
+
+def encoder_to_train(cfg: TrainConfig, d: Dist, heads: tuple[str, ...]) -> tuple[EncoderModel, EncoderVocab]:
+    """The encoder a task trains, with exactly ``heads``, and its vocabulary: from scratch (``model.init:
+    scratch``) or from the checkpoint ``model.init``."""
+    if cfg.model.init == "scratch":
+        vocab = encoder_vocab(encoder_tokenizer(cfg, d))
+        return scratch_encoder(cfg, vocab, heads), vocab
+    lm = load_encoder_to_train(cfg)
+    return with_heads(lm.model, heads, cfg), encoder_vocab(Path(lm.source))
 
 
 def check_encoder_run(cfg: TrainConfig) -> None:

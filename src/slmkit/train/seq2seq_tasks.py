@@ -15,7 +15,6 @@ numpy Generator seeded with ``(seed, k)``), so resumed runs see the same data. B
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from ..tokenizer import Tokenizer
 from .config import TrainConfig
 from .distributed import Dist
 from .epochs import EpochOrder
-from .common import json_records, on_main_then_all
+from .common import json_records, on_main_then_all, scratch_vocab_size
 
 IGNORE = -100
 NUM_SENTINELS = 100
@@ -319,9 +318,7 @@ def scratch_t5(cfg: TrainConfig, tokenizer: Tokenizer) -> T5:
     if tokenizer.pad_id is None or tokenizer.eos_id is None:
         raise SlmError("a T5 tokenizer needs a pad and an EOS token (pad_token / eos_token in tokenizer_config.json)")
     fields = dict(cfg.model.config)
-    vocab = fields.pop("vocab_size", None) or 64 * math.ceil(tokenizer.vocab_size / 64)
-    if vocab < tokenizer.vocab_size:
-        raise SlmError(f"model.config.vocab_size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    vocab = scratch_vocab_size(fields, tokenizer.vocab_size)
     ids = {"pad_token_id": tokenizer.pad_id, "eos_token_id": tokenizer.eos_id,
            "decoder_start_token_id": tokenizer.pad_id}  # T5 starts decoding from pad
     try:

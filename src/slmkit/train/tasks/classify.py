@@ -12,8 +12,7 @@ from ...models.encoder import EncoderModel
 from ..common import data_path
 from ..corpus import val_mask
 from ..encoder_tasks import (ClassificationLoss, ClassifyBatches, check_encoder_run, classification_metrics,
-                             encoder_saver, encoder_tokenizer, encoder_vocab, labelled_examples,
-                             load_encoder_to_train, scratch_encoder, with_heads)
+                             encoder_saver, encoder_to_train, labelled_examples)
 from ..registry import register_task
 from ..trainer import RunParts
 
@@ -24,13 +23,7 @@ def build(cfg, d) -> RunParts:
     if not files:
         raise SlmError("config: task classify needs data.train_file (a labelled .tsv/.csv/.jsonl/.json file "
                        "or a list of them)")
-    if cfg.model.init == "scratch":
-        vocab = encoder_vocab(encoder_tokenizer(cfg, d))
-        model = scratch_encoder(cfg, vocab, ("classifier",))
-    else:
-        lm = load_encoder_to_train(cfg)
-        vocab = encoder_vocab(Path(lm.source))
-        model = with_heads(lm.model, ("classifier",), cfg)
+    model, vocab = encoder_to_train(cfg, d, ("classifier",))
     max_length = min(cfg.data.seq_len, model.cfg.max_tokens)
     train = labelled_examples([data_path(f) for f in files], cfg, vocab, max_length)
     if cfg.data.val_file:

@@ -4,14 +4,11 @@ from scratch (a BPE with RoBERTa's special tokens trained on the corpus) or from
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ...errors import SlmError
 from ..common import data_path, prepare_shards
 from ..corpus import PackedDataset
 from ..encoder_tasks import (MaskedLMLoss, MLMBatches, check_encoder_run, check_fits, encoder_saver,
-                             encoder_tokenizer, encoder_vocab, load_encoder_to_train, scratch_encoder,
-                             special_token_ids, with_heads)
+                             encoder_to_train, special_token_ids)
 from ..registry import register_task
 from ..trainer import RunParts
 
@@ -22,13 +19,7 @@ def build(cfg, d) -> RunParts:
         cfg.data.corpus = [data_path(p) for p in cfg.data.corpus]
     if cfg.data.seq_len < 3:
         raise SlmError("config: data.seq_len must be at least 3 for masked-LM rows (<s> text </s>)")
-    if cfg.model.init == "scratch":
-        vocab = encoder_vocab(encoder_tokenizer(cfg, d))
-        model = scratch_encoder(cfg, vocab, ("mlm",))
-    else:
-        lm = load_encoder_to_train(cfg)
-        vocab = encoder_vocab(Path(lm.source))
-        model = with_heads(lm.model, ("mlm",), cfg)
+    model, vocab = encoder_to_train(cfg, d, ("mlm",))
     if vocab.mask_id is None:
         raise SlmError("the tokenizer has no mask token (mask_token in tokenizer_config.json); masked-LM "
                        "training needs one")
