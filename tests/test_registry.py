@@ -154,6 +154,8 @@ def test_toy_task_trains_checkpoints_and_resumes_exactly(counting_task, tmp_path
     redo_last_step(tmp_path / "run", raw)
     resumed = train_losses(tmp_path / "run")
     assert len(resumed) == 3
+    resumed_rows = [json.loads(line) for line in (tmp_path / "run" / "evaluations.jsonl").read_text().splitlines()]
+    assert resumed_rows == rows, "the redone step's evaluation replaces the old one, as in metrics.csv"
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(straight), rtol=0, atol=1e-6)
 
 

@@ -14,7 +14,9 @@ process with ``grad_accum=2`` and two processes with ``grad_accum=1`` compute th
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -298,6 +300,18 @@ class Trainer:
             self.on_save({k[len(prefix):]: v for k, v in self._without_frozen(state).items() if k.startswith(prefix)})
         self.d.barrier()
 
+    def _keep_evaluations_up_to(self, step: int) -> None:
+        """A resumed run redoes the steps after its checkpoint: drop their rows from ``evaluations.jsonl`` (all
+        of them when starting from step 0), rewritten atomically, as metrics.csv is."""
+        path = self.out / "evaluations.jsonl"
+        if self.evaluate_fn is None or not self.d.main or not path.is_file():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+
     def _train_mode(self) -> None:
         self.loss_module.train()
         for module in self.frozen_modules:  # a teacher's dropout stays off
@@ -307,8 +321,6 @@ class Trainer:
         """The task's own metrics of the model (main rank), appended to ``out_dir/evaluations.jsonl``."""
         if self.evaluate_fn is None or not self.d.main:
             return None
-        import json
-
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
@@ -332,6 +344,7 @@ class Trainer:
                            f"choose another out_dir")
         start, tokens_seen = self._resume() if resume else (0, 0)
         logger = MetricsLogger(self.out, resume_step=start) if self.d.main else None
+        self._keep_evaluations_up_to(start)
         self._train_mode()
         bar = tqdm(total=self.steps, initial=start, unit="step", dynamic_ncols=True,
                    disable=not (cfg.run.progress and self.d.main))
