@@ -123,13 +123,13 @@ class Teacher:
 class LocalTeacher(Teacher):
     """An slmkit model in this process, ``batch_size`` prompts at a time (left-padded batches).
 
-    ``chat=True`` gives what ``lm.chat(messages)`` gives (the model's own chat template, rendered and
-    tokenized as the chat path does, with no extra BOS); ``chat=False`` what ``lm.complete([prompt])`` does.
+    ``chat=True`` gives what ``lm.complete_chats`` (``lm.chat`` for a batch) gives; ``chat=False`` what
+    ``lm.complete`` does.
     ``seed`` makes sampling (temperature > 0) repeatable."""
 
     def __init__(self, lm, batch_size: int = 8, model_id: str | None = None, seed: int | None = None,
                  progress: bool = True):
-        for name in ("complete", "chat_prompt", "tokenizer", "model"):
+        for name in ("complete", "complete_chats"):
             if not hasattr(lm, name):
                 raise SlmError(f"LocalTeacher needs a generative slmkit model (slmkit.load of a decoder); "
                                f"{type(lm).__name__} has no {name}")
@@ -139,19 +139,13 @@ class LocalTeacher(Teacher):
         self.model_id = model_id or str(getattr(lm, "source", type(lm).__name__))
 
     def answers(self, prompts: list[str], ask: Ask) -> Iterator[tuple[int, str]]:
-        from .engine.generate import generate
-        from .engine.sampling import SamplingParams
-
         lm = self.lm
         params = dict(max_new_tokens=ask.max_new_tokens, temperature=ask.temperature, stop=list(ask.stop),
                       seed=self.seed)
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start:start + self.batch_size]
             if ask.chat:
-                # As LM.chat: the rendered template already holds any BOS the checkpoint wants.
-                ids = [lm.tokenizer.encode(lm.chat_prompt(ask.messages(p)), add_special_tokens=False)
-                       for p in batch]
-                done = generate(lm.model, lm.tokenizer, ids, SamplingParams(**params), lm.eos_ids)
+                done = lm.complete_chats([ask.messages(p) for p in batch], **params)
             else:
                 done = lm.complete(batch, **params)
             for j, completion in enumerate(done):

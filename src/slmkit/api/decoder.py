@@ -77,11 +77,18 @@ class LM:
 
     def chat(self, messages: list[dict], stream: bool = False, **sampling):
         """The assistant's reply to ``messages``, rendered with the model's own chat template."""
-        prompt = self.chat_prompt(messages)
         if stream:
-            return self._stream_ids(self.tokenizer.encode(prompt, add_special_tokens=False), **sampling)
-        ids = [self.tokenizer.encode(prompt, add_special_tokens=False)]
-        return generate(self.model, self.tokenizer, ids, self._params(**sampling), self.eos_ids)[0].text
+            return self._stream_ids(self._chat_ids(messages), **sampling)
+        return self.complete_chats([messages], **sampling)[0].text
+
+    def complete_chats(self, conversations: Sequence[list[dict]], **sampling) -> list[Completion]:
+        """The assistant's replies to a batch of conversations (left-padded, as ``complete``)."""
+        ids = [self._chat_ids(messages) for messages in conversations]
+        return generate(self.model, self.tokenizer, ids, self._params(**sampling), self.eos_ids)
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        # the rendered template already holds any BOS the checkpoint wants: no special tokens added
+        return self.tokenizer.encode(self.chat_prompt(messages), add_special_tokens=False)
 
     def _stream_ids(self, ids: list[int], **sampling) -> Iterator[str]:
         for ev in self.events(ids, **sampling):
