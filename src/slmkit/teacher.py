@@ -37,6 +37,7 @@ from typing import Iterator, Sequence
 
 from tqdm.auto import tqdm
 
+from .engine.prompt_cache import PromptCache
 from .errors import SlmError
 
 
@@ -125,10 +126,12 @@ class LocalTeacher(Teacher):
 
     ``chat=True`` gives what ``lm.complete_chats`` (``lm.chat`` for a batch) gives; ``chat=False`` what
     ``lm.complete`` does.
-    ``seed`` makes sampling (temperature > 0) repeatable."""
+    ``seed`` makes sampling (temperature > 0) repeatable. ``reuse_prefix`` (default on) keeps the keys and
+    values of the prefix the prompts share (a fixed instruction or few-shot context) between batches, so it
+    is computed once (engine.prompt_cache)."""
 
     def __init__(self, lm, batch_size: int = 8, model_id: str | None = None, seed: int | None = None,
-                 progress: bool = True):
+                 progress: bool = True, reuse_prefix: bool = True):
         for name in ("complete", "complete_chats"):
             if not hasattr(lm, name):
                 raise SlmError(f"LocalTeacher needs a generative slmkit model (slmkit.load of a decoder); "
@@ -136,12 +139,13 @@ class LocalTeacher(Teacher):
         if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
             raise SlmError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.lm, self.batch_size, self.seed, self.progress = lm, int(batch_size), seed, progress
+        self.prompt_cache = PromptCache() if reuse_prefix else None
         self.model_id = model_id or str(getattr(lm, "source", type(lm).__name__))
 
     def answers(self, prompts: list[str], ask: Ask) -> Iterator[tuple[int, str]]:
         lm = self.lm
         params = dict(max_new_tokens=ask.max_new_tokens, temperature=ask.temperature, stop=list(ask.stop),
-                      seed=self.seed)
+                      seed=self.seed, prompt_cache=self.prompt_cache)
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start:start + self.batch_size]
             if ask.chat:

@@ -13,6 +13,7 @@ import torch
 
 from ..config import ModelConfig
 from ..engine.generate import Completion, TextEvent, generate, iter_generate
+from ..engine.prompt_cache import PromptCache
 from ..engine.sampling import SamplingParams
 from ..errors import SlmError
 from ..formats.gguf import GGUFFile
@@ -45,10 +46,13 @@ class LM:
     def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         return [self.tokenizer.encode(p) for p in prompts]
 
-    def complete(self, prompts: Sequence[str], **sampling) -> list[Completion]:
-        """Completions (text, token ids, finish reason) for a batch of prompts."""
+    def complete(self, prompts: Sequence[str], prompt_cache: PromptCache | None = None,
+                 **sampling) -> list[Completion]:
+        """Completions (text, token ids, finish reason) for a batch of prompts. ``prompt_cache``: a
+        ``PromptCache`` that keeps the keys/values of the prefix the prompts share between calls (many
+        questions behind one long context pay for that context once)."""
         return generate(self.model, self.tokenizer, self._encode_prompts(prompts), self._params(**sampling),
-                        self.eos_ids)
+                        self.eos_ids, prompt_cache=prompt_cache)
 
     def generate(self, prompt: str | Sequence[str], **sampling) -> str | list[str]:
         """Continue ``prompt`` (or each of a list of prompts, batched with left padding)."""
@@ -81,10 +85,12 @@ class LM:
             return self._stream_ids(self._chat_ids(messages), **sampling)
         return self.complete_chats([messages], **sampling)[0].text
 
-    def complete_chats(self, conversations: Sequence[list[dict]], **sampling) -> list[Completion]:
+    def complete_chats(self, conversations: Sequence[list[dict]], prompt_cache: PromptCache | None = None,
+                       **sampling) -> list[Completion]:
         """The assistant's replies to a batch of conversations (left-padded, as ``complete``)."""
         ids = [self._chat_ids(messages) for messages in conversations]
-        return generate(self.model, self.tokenizer, ids, self._params(**sampling), self.eos_ids)
+        return generate(self.model, self.tokenizer, ids, self._params(**sampling), self.eos_ids,
+                        prompt_cache=prompt_cache)
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
         # the rendered template already holds any BOS the checkpoint wants: no special tokens added

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ContextLengthError, SlmError
 from .kv_cache import KVCache
+from .prompt_cache import PromptCache
 from .sampling import SamplingParams, make_generator, next_tokens
 
 
@@ -72,7 +73,9 @@ def check_context(prompt_len: int, max_new_tokens: int, context: int) -> None:
 
 @torch.inference_mode()
 def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
-                  eos_ids: set[int]) -> Iterator[TextEvent]:
+                  eos_ids: set[int], prompt_cache: PromptCache | None = None) -> Iterator[TextEvent]:
+    """Generate for each prompt; ``prompt_cache`` (optional) supplies the keys/values of the prefix the
+    prompts share, so that only the rest of each prompt is run (see engine.prompt_cache)."""
     cfg = model.cfg
     if not prompts:
         return
@@ -84,24 +87,34 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
             yield TextEvent(i, "", Completion("", [], "length", r.prompt_len))
         return
 
-    b, t = len(prompts), max(len(p) for p in prompts)
     device = model.device
+    cache_dtype = getattr(model, "cache_dtype", model.dtype)
+    shared = 0 if prompt_cache is None else prompt_cache.prefix_for(
+        model, prompts, lambda ids, keep, keys, values: _run_prefix(model, ids, keep, keys, values, cache_dtype))
+    suffixes = [p[shared:] for p in prompts]
+    b, t = len(prompts), max(len(s) for s in suffixes)
+    width = shared + t  # cache slots the prompts fill: the shared prefix, then each row's own (left-padded) part
     pad = getattr(tokenizer, "pad_id", None)
     pad = pad if pad is not None else (cfg.pad_token_id or 0)
     ids = torch.full((b, t), pad, dtype=torch.long)
-    key_valid = torch.zeros((b, t + params.max_new_tokens), dtype=torch.bool)
-    seen = torch.empty((b, t), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, t - len(p):] = torch.tensor(p)
-        key_valid[i, t - len(p):t] = True
-        seen[i] = torch.tensor([p[0]] * (t - len(p)) + p)  # padding repeats a real token: no extra penalty
-    padded = any(len(p) != t for p in prompts)
-    positions = (key_valid[:, :t].long().cumsum(-1) - 1).clamp(min=0)
+    key_valid = torch.zeros((b, width + params.max_new_tokens), dtype=torch.bool)
+    key_valid[:, :shared] = True
+    seen = torch.empty((b, width), dtype=torch.long)
+    for i, (p, s) in enumerate(zip(prompts, suffixes)):
+        ids[i, t - len(s):] = torch.tensor(s)
+        key_valid[i, width - len(s):width] = True
+        seen[i] = torch.tensor([p[0]] * (width - len(p)) + p)  # padding repeats a real token: no extra penalty
+    padded = any(len(s) != t for s in suffixes)
+    positions = (key_valid[:, :width].long().cumsum(-1) - 1).clamp(min=0)[:, shared:]
     ids, key_valid, positions, seen = ids.to(device), key_valid.to(device), positions.to(device), seen.to(device)
 
     generator = make_generator(params, device)
-    cache = KVCache(cfg, b, t + params.max_new_tokens, getattr(model, "cache_dtype", model.dtype), device)
-    logits = prefill(model, ids, positions, key_valid if padded else None, cache)
+    cache = KVCache(cfg, b, width + params.max_new_tokens, cache_dtype, device)
+    if shared:
+        for layer in range(cfg.n_layers):
+            cache.keys[layer][:, :, :shared] = prompt_cache.keys[layer]
+            cache.values[layer][:, :, :shared] = prompt_cache.values[layer]
+    logits = prefill(model, ids, positions, key_valid if padded else None, cache, start=shared)
     next_pos = positions[:, -1] + 1
     penalize = params.repetition_penalty != 1.0
     processors = bool(params.logits_processors)
@@ -116,7 +129,7 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
                 yield from advance_row(i, row, int(tokens[i]), tokenizer, params.stop, eos_ids, last_step)
         if all(r.finished is not None for r in rows) or last_step:
             return
-        slot = t + step
+        slot = width + step
         key_valid[:, slot] = True
         if penalize:
             seen = torch.cat((seen, tokens[:, None]), dim=1)
@@ -125,15 +138,28 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
         next_pos = next_pos + 1
 
 
-def prefill(model, ids, positions, key_valid, cache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
-    """Run the prompts through the model ``chunk`` tokens at a time (bounded activation memory);
-    return the last position's logits [B, V]."""
+def prefill(model, ids, positions, key_valid, cache, chunk: int = PREFILL_CHUNK, start: int = 0) -> torch.Tensor:
+    """Run the prompts (``ids`` fill cache slots from ``start``) through the model ``chunk`` tokens at a time
+    (bounded activation memory); return the last position's logits [B, V]."""
     t = ids.shape[1]
-    for start in range(0, t, chunk):
-        end = min(start + chunk, t)
-        kv = None if key_valid is None else key_valid[:, :end]
-        logits = model(ids[:, start:end], positions[:, start:end], kv, cache, start, last_only=True)
+    for lo in range(0, t, chunk):
+        hi = min(lo + chunk, t)
+        kv = None if key_valid is None else key_valid[:, :start + hi]
+        logits = model(ids[:, lo:hi], positions[:, lo:hi], kv, cache, start + lo, last_only=True)
     return logits[:, -1]
+
+
+def _run_prefix(model, ids: list[int], keep: int, keys, values, dtype):
+    """Keys/values [1, H, len(ids), D] per layer of the prefix ``ids``, the first ``keep`` taken as given."""
+    cache = KVCache(model.cfg, 1, len(ids), dtype, model.device)
+    if keep:
+        for layer in range(model.cfg.n_layers):
+            cache.keys[layer][:, :, :keep] = keys[layer]
+            cache.values[layer][:, :, :keep] = values[layer]
+    rest = torch.tensor([ids[keep:]], device=model.device)
+    positions = torch.arange(keep, len(ids), device=model.device)[None]
+    prefill(model, rest, positions, None, cache, start=keep)
+    return cache.keys, cache.values
 
 
 def _text(tokenizer, ids: list[int]) -> str:
@@ -166,10 +192,10 @@ def advance_row(i: int, row: RowState, token: int, tokenizer, stops: list[str], 
 
 
 def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams, eos_ids: set[int],
-             on_text=None) -> list[Completion]:
+             on_text=None, prompt_cache: PromptCache | None = None) -> list[Completion]:
     """Run :func:`iter_generate` to the end; ``on_text(row, delta)`` sees the stream."""
     done: list[Completion | None] = [None] * len(prompts)
-    for ev in iter_generate(model, tokenizer, prompts, params, eos_ids):
+    for ev in iter_generate(model, tokenizer, prompts, params, eos_ids, prompt_cache):
         if on_text is not None and ev.delta:
             on_text(ev.row, ev.delta)
         if ev.done is not None:
