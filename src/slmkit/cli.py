@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .errors import ContextLengthError, SlmError
 from .formats.registry import DEFAULT_MODEL, REGISTRY, locate
@@ -227,6 +228,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_supericl(args) -> int:
+    from .methods.supericl import load_config, run
+
+    if args.data_dir:
+        os.environ["SLMKIT_DATA"] = args.data_dir
+    cfg = load_config(args.config, args.set)
+    if args.data_dir:
+        cfg.data_dir = args.data_dir
+    run(cfg)
+    print((Path(cfg.out_dir) / "results.md").read_text(encoding="utf-8"), end="")
+    print(f"supericl: results in {cfg.out_dir}/results.json and results.md", file=sys.stderr)
+    return 0
+
+
 def cmd_models(args) -> int:
     for name, entry in REGISTRY.items():
         path = locate(entry)
@@ -307,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value (repeatable), e.g. --set run.max_steps=100")
         p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("supericl", help="SuperICL: a fine-tuned plug-in's predictions in a large model's prompt, "
+                                        "against ICL alone and the plug-in alone")
+    p.add_argument("config", help="experiment config (YAML); see configs/supericl.yaml")
+    p.add_argument("--data-dir", default=None, help="folder relative data paths resolve against "
+                                                    "(default $SLMKIT_DATA, else the current folder)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set test_examples=50 --set large.batch_size=4")
+    p.set_defaults(func=cmd_supericl)
 
     p = sub.add_parser("models", help="list registry names")
     p.set_defaults(func=cmd_models)

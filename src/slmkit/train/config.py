@@ -147,7 +147,8 @@ _SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, 
              "lora": LoraSection}
 
 
-def _section(cls, values: Any, name: str):
+def parse_section(cls, values: Any, name: str):
+    """A config section (a mapping) as the dataclass ``cls``; unknown keys are an error naming them."""
     if values is None:
         return None if name == "lora" else cls()
     if not isinstance(values, dict):
@@ -175,9 +176,9 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     unknown = sorted(set(raw) - top)
     if unknown:
         raise SlmError(f"config: unknown top-level key(s): {', '.join(unknown)} (known: {', '.join(sorted(top))})")
-    sections = {name: _section(cls, raw.get(name), name) for name, cls in _SECTIONS.items()}
+    sections = {name: parse_section(cls, raw.get(name), name) for name, cls in _SECTIONS.items()}
     if task.section is not None:
-        sections["method"] = _section(task.section, raw.get(task.key), task.key)
+        sections["method"] = parse_section(task.section, raw.get(task.key), task.key)
     try:
         return TrainConfig(task=name, out_dir=str(raw.get("out_dir", "runs/run")), **sections)
     except TypeError as exc:
