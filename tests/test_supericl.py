@@ -177,3 +177,37 @@ def test_data_file_without_the_templates_field_is_named(tmp_path):
 def test_cli_reports_a_missing_config(tmp_path, capsys):
     assert main(["supericl", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_mnli_and_yelp_read_from_files_in_their_benchmarks_layout(tmp_path):
+    """Not in ../shared/data: the built-in definitions read GLUE's MNLI tsv and yelp_review_polarity's csv."""
+    specs = supericl.task_specs(config_from_mapping({}))
+    (tmp_path / "mnli").mkdir()
+    header = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+              "sentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label\n")
+    row = ("0\t63735\t63735n\tslate\t( x )\t( y )\t(ROOT x)\t(ROOT y)\tThe new rights are nice enough\t"
+           "Everyone really likes the \"newest\" benefits\tneutral\tentailment\tneutral\tneutral\tneutral\tneutral\n")
+    (tmp_path / "mnli" / "dev_matched.tsv").write_text(header + row, encoding="utf-8")
+    [ex] = supericl.read_examples(task_spec("mnli", specs["mnli"]), "test", str(tmp_path))
+    assert ex.label == 1 and ex.fields == {"premise": "The new rights are nice enough",
+                                           "hypothesis": 'Everyone really likes the "newest" benefits'}
+    (tmp_path / "yelp").mkdir()
+    (tmp_path / "yelp" / "test.csv").write_text('"2","Contrary to other reviews, I have zero complaints."\n'
+                                                '"1","Last summer I had an appointment, it was bad."\n',
+                                                encoding="utf-8")
+    examples = supericl.read_examples(task_spec("yelp", specs["yelp"]), "test", str(tmp_path))
+    assert [e.label for e in examples] == [1, 0]
+    assert examples[0].fields == {"text": "Contrary to other reviews, I have zero complaints."}
+
+
+def test_an_endpoint_in_the_config_asks_that_server(tmp_path):
+    from slmkit.teacher import CachedTeacher, EndpointTeacher
+
+    cfg = config_from_mapping({"large": {"endpoint": "http://127.0.0.1:8011/v1", "model": "qwen-served",
+                                         "batch_size": 3}})
+    large = supericl.large_model(cfg, tmp_path)
+    assert isinstance(large, CachedTeacher) and isinstance(large.teacher, EndpointTeacher)
+    assert large.teacher.api_root == "http://127.0.0.1:8011/v1" and large.teacher.model == "qwen-served"
+    assert large.teacher.concurrency == 3 and large.path == tmp_path / "large_answers.jsonl"
+    with pytest.raises(SlmError, match="http"):
+        supericl.large_model(config_from_mapping({"large": {"endpoint": "localhost:8000"}}), tmp_path)
