@@ -32,6 +32,7 @@ class Stream:
         self.model, self.max_len, self.length = model, int(max_len), 0
         self.cache = KVCache(model.cfg, 1, self.max_len, getattr(model, "cache_dtype", model.dtype), model.device)
 
+    @torch.no_grad()
     def feed(self, tokens: Sequence[int]) -> torch.Tensor:
         if not tokens:
             raise SlmError("Stream.feed needs at least one token")
@@ -43,6 +44,30 @@ class Stream:
         logits = prefill(self.model, ids, positions, None, self.cache, start=self.length)
         self.length += len(tokens)
         return torch.log_softmax(logits[0].float(), dim=-1)
+
+    @torch.no_grad()
+    def feed_logits(self, tokens: Sequence[int], last: int) -> torch.Tensor:
+        """Append ``tokens``; the raw logits [last, V] (float32) after each of the last ``last`` of them."""
+        tokens = list(tokens)
+        if not 1 <= last <= len(tokens):
+            raise SlmError(f"feed_logits: last must be in 1..{len(tokens)}, got {last}")
+        head = len(tokens) - last
+        if head:
+            self.feed(tokens[:head])
+        if self.length + last > self.max_len:
+            raise SlmError(f"stream of {self.max_len} tokens is full ({self.length} + {last})")
+        device = self.model.device
+        ids = torch.tensor([tokens[head:]], dtype=torch.long, device=device)
+        positions = torch.arange(self.length, self.length + last, device=device)[None]
+        logits = self.model(ids, positions, None, self.cache, self.length)
+        self.length += last
+        return logits[0].float()
+
+    def rewind(self, length: int) -> None:
+        """Forget every token after the first ``length`` (their cache slots are overwritten later)."""
+        if not 0 <= length <= self.length:
+            raise SlmError(f"cannot rewind a stream of {self.length} tokens to {length}")
+        self.length = length
 
 
 @dataclass
