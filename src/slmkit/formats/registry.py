@@ -97,7 +97,8 @@ def _chunk_path(chunk: Chunk, is_folder: bool = False) -> Path | None:
     path = None if folder is None else folder / chunk.resource
     if path is None:
         return None
-    return path if (path.is_dir() and (path / "config.json").is_file() if is_folder else path.is_file()) else None
+    present = (path / "config.json").is_file() if is_folder else path.is_file()
+    return path if present else None
 
 
 def _sha256(path: Path) -> str:

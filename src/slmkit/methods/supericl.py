@@ -33,7 +33,7 @@ import yaml
 from ..errors import SlmError
 from ..eval.data import read_records
 from ..teacher import CachedTeacher, EndpointTeacher, LocalTeacher, Teacher
-from ..train.config import config_from_dict, parse_section
+from ..train.config import config_from_dict, parse_section, read_config_file
 
 TASKS_FILE = Path(__file__).with_name("supericl_tasks.yaml")
 ARMS = ("plugin", "icl", "supericl")
@@ -75,16 +75,7 @@ class SuperICLConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> SuperICLConfig:
-    from ..train.config import apply_overrides
-
-    path = Path(path)
-    if not path.is_file():
-        raise SlmError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise SlmError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return config_from_mapping(apply_overrides(raw, overrides or []))
+    return config_from_mapping(read_config_file(path, overrides))
 
 
 def config_from_mapping(raw: dict) -> SuperICLConfig:
@@ -276,10 +267,8 @@ def train_plugin(cfg: SuperICLConfig, spec: TaskSpec, train: list[Example], out:
     return model_dir
 
 
-def plugin_guesses(model_dir: Path, spec: TaskSpec, examples: list[Example]) -> list[PluginGuess]:
-    from ..api import load
-
-    plugin = load(model_dir)
+def plugin_guesses(plugin, spec: TaskSpec, examples: list[Example]) -> list[PluginGuess]:
+    """The fine-tuned plug-in's (an EncoderLM) label and confidence (softmax max) for each example."""
     sep = plugin.special_tokens.get("sep_token", "</s>")
     texts = [spec.plugin_input.format(sep=sep, **ex.fields) for ex in examples]
     probs = torch.softmax(plugin.classify(texts, batch_size=32), dim=-1)
@@ -302,16 +291,16 @@ def large_model(cfg: SuperICLConfig, out: Path) -> Teacher:
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def run_task(cfg: SuperICLConfig, spec: TaskSpec, large: Teacher, out: Path) -> dict:
+def run_task(cfg: SuperICLConfig, spec: TaskSpec, test: list[Example], large: Teacher, out: Path) -> dict:
+    """One task's three arms on ``test`` (the held-out items), over every seed."""
+    from ..api import load
+
     train = read_examples(spec, "train", cfg.data_dir)
-    test = read_examples(spec, "test", cfg.data_dir)
-    if cfg.test_examples and cfg.test_examples < len(test):
-        test = random.Random(0).sample(test, cfg.test_examples)
     if cfg.demonstrations > len(train):
         raise SlmError(f"task {spec.name}: {cfg.demonstrations} demonstrations asked, the training split has "
                        f"{len(train)} examples")
-    model_dir = train_plugin(cfg, spec, train, out / "plugin")
-    test_guesses = plugin_guesses(model_dir, spec, test)
+    plugin = load(train_plugin(cfg, spec, train, out / "plugin"))
+    test_guesses = plugin_guesses(plugin, spec, test)
     gold = [ex.label for ex in test]
     result = {"task": spec.name, "labels": spec.labels, "train_examples": len(train), "test_examples": len(test),
               "plugin": {"accuracy": _accuracy([g.label for g in test_guesses], gold)}, "seeds": {}}
@@ -320,7 +309,7 @@ def run_task(cfg: SuperICLConfig, spec: TaskSpec, large: Teacher, out: Path) -> 
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)  # the paper: shuffle the training split, take the first k
         demos = [train[i] for i in order[:cfg.demonstrations]]
-        demo_guesses = plugin_guesses(model_dir, spec, demos)
+        demo_guesses = plugin_guesses(plugin, spec, demos)
         icl = [build_prompt(spec, [(d, None) for d in demos], ex, None, cfg.plugin.name) for ex in test]
         sup = [build_prompt(spec, list(zip(demos, demo_guesses)), ex, g, cfg.plugin.name)
                for ex, g in zip(test, test_guesses)]
@@ -353,7 +342,8 @@ def run_task(cfg: SuperICLConfig, spec: TaskSpec, large: Teacher, out: Path) -> 
                                 "icl_answer": icl_answers[i], "supericl_answer": sup_answers[i],
                                 **({"explanation": explanations[i]} if i in explanations else {})})
         (out / "prompt_example.txt").write_text(sup[0], encoding="utf-8")  # what the large model read
-    _write_jsonl(out / "predictions.jsonl", predictions)
+    _write_atomically(out / "predictions.jsonl",
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions))
     result["summary"] = summarise(result)
     return result
 
@@ -384,9 +374,10 @@ def _accuracy(predicted: list[int | None], gold: list[int]) -> float:
     return sum(p == g for p, g in zip(predicted, gold)) / len(gold)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and rename it into place: a reader never sees half a file."""
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -399,7 +390,7 @@ def table(results: list[dict], cfg: SuperICLConfig) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         s = r["summary"]
-        right = f"{s['overrides_right']} / {s['overrides']}" if s["overrides"] else "0 / 0"
+        right = f"{s['overrides_right']} / {s['overrides']}"
         lines.append(f"| {r['task']} | {r['test_examples']} | {cell(s['plugin'])} | {cell(s['icl'])} | "
                      f"{cell(s['supericl'])} | {s['icl_unparsed']} / {s['supericl_unparsed']} | "
                      f"{cell(s['override_rate'])} | {right} |")
@@ -414,15 +405,19 @@ def run(cfg: SuperICLConfig, large: Teacher | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     specs = task_specs(cfg)
     tasks = [task_spec(name, specs[name]) for name in cfg.tasks]
-    for spec in tasks:  # read every file first: a bad one fails before any training
-        read_examples(spec, "test", cfg.data_dir)
+    tests = {}
+    for spec in tasks:  # read every test file first: a bad one fails before any training
+        test = read_examples(spec, "test", cfg.data_dir)
+        if cfg.test_examples and cfg.test_examples < len(test):
+            test = random.Random(0).sample(test, cfg.test_examples)
+        tests[spec.name] = test
     started = time.time()
     large = large if large is not None else large_model(cfg, out)
     results = []
     for spec in tasks:
         print(f"supericl: task {spec.name}", file=sys.stderr)
         (out / spec.name).mkdir(exist_ok=True)
-        results.append(run_task(cfg, spec, large, out / spec.name))
+        results.append(run_task(cfg, spec, tests[spec.name], large, out / spec.name))
         write_report(out, cfg, results, time.time() - started, done=len(results) == len(tasks))
     return results
 
@@ -431,8 +426,6 @@ def write_report(out: Path, cfg: SuperICLConfig, results: list[dict], seconds: f
     """``results.json`` and ``results.md`` for the tasks finished so far (rewritten after each task)."""
     report = {"config": dataclasses.asdict(cfg), "complete": done, "wall_seconds": round(seconds, 1),
               "results": results}
-    for name, text in (("results.json", json.dumps(report, indent=2) + "\n"), ("results.md", table(results, cfg))):
-        tmp = out / (name + ".partial")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+    _write_atomically(out / "results.json", json.dumps(report, indent=2) + "\n")
+    _write_atomically(out / "results.md", table(results, cfg))
 

@@ -201,7 +201,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+def read_config_file(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML config file as a mapping, with ``--set`` overrides applied; a missing or malformed file is a
+    SlmError naming it."""
     path = Path(path)
     if not path.is_file():
         raise SlmError(f"{path}: config file not found")
@@ -209,4 +211,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise SlmError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return config_from_dict(apply_overrides(raw, overrides or []))
+    return apply_overrides(raw, overrides or [])
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    return config_from_dict(read_config_file(path, overrides))
