@@ -32,18 +32,9 @@ class Stream:
         self.model, self.max_len, self.length = model, int(max_len), 0
         self.cache = KVCache(model.cfg, 1, self.max_len, getattr(model, "cache_dtype", model.dtype), model.device)
 
-    @torch.no_grad()
     def feed(self, tokens: Sequence[int]) -> torch.Tensor:
-        if not tokens:
-            raise SlmError("Stream.feed needs at least one token")
-        if self.length + len(tokens) > self.max_len:
-            raise SlmError(f"stream of {self.max_len} tokens is full ({self.length} + {len(tokens)})")
-        device = self.model.device
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
-        positions = torch.arange(self.length, self.length + len(tokens), device=device)[None]
-        logits = prefill(self.model, ids, positions, None, self.cache, start=self.length)
-        self.length += len(tokens)
-        return torch.log_softmax(logits[0].float(), dim=-1)
+        """Append ``tokens``; the next-token log-probabilities [V] after the last of them (float32)."""
+        return torch.log_softmax(self._advance(tokens), dim=-1)
 
     @torch.no_grad()
     def feed_logits(self, tokens: Sequence[int], last: int) -> torch.Tensor:
@@ -53,15 +44,29 @@ class Stream:
             raise SlmError(f"feed_logits: last must be in 1..{len(tokens)}, got {last}")
         head = len(tokens) - last
         if head:
-            self.feed(tokens[:head])
-        if self.length + last > self.max_len:
-            raise SlmError(f"stream of {self.max_len} tokens is full ({self.length} + {last})")
-        device = self.model.device
-        ids = torch.tensor([tokens[head:]], dtype=torch.long, device=device)
-        positions = torch.arange(self.length, self.length + last, device=device)[None]
+            self._advance(tokens[:head])
+        ids, positions = self._place(tokens[head:])
         logits = self.model(ids, positions, None, self.cache, self.length)
         self.length += last
         return logits[0].float()
+
+    @torch.no_grad()
+    def _advance(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Run ``tokens`` into the cache (chunked prefill); the raw logits [V] after the last one."""
+        ids, positions = self._place(tokens)
+        logits = prefill(self.model, ids, positions, None, self.cache, start=self.length)
+        self.length += len(tokens)
+        return logits[0].float()
+
+    def _place(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tokens`` as ids [1, T] and their positions, after checking they fit."""
+        if not tokens:
+            raise SlmError("a stream needs at least one token to advance")
+        if self.length + len(tokens) > self.max_len:
+            raise SlmError(f"stream of {self.max_len} tokens is full ({self.length} + {len(tokens)})")
+        device = self.model.device
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+        return ids, torch.arange(self.length, self.length + len(tokens), device=device)[None]
 
     def rewind(self, length: int) -> None:
         """Forget every token after the first ``length`` (their cache slots are overwritten later)."""
@@ -136,14 +141,16 @@ def generate_combined(base, deltas: Sequence[Delta], prompt: Sequence[int], para
     for m in models:
         streams.setdefault(id(m), Stream(m, len(prompt) + params.max_new_tokens))
     generator = make_generator(params, base.device)
+    penalize = params.repetition_penalty != 1.0
     ids: list[int] = []
     finish = "length"
     fed = prompt
     for step in range(params.max_new_tokens):
         logp = {key: s.feed(fed)[:vocab] for key, s in streams.items()}
         scores = combine(logp[id(base)], [(d.weight, logp[id(d.tuned)], logp[id(d.reference)]) for d in deltas])
-        seen = torch.tensor([prompt + ids], dtype=torch.long)
-        token = int(next_tokens(scores[None], params, seen, generator, [prompt + ids])[0])
+        so_far = prompt + ids if penalize or params.logits_processors else None
+        seen = torch.tensor([so_far], dtype=torch.long) if penalize else None
+        token = int(next_tokens(scores[None], params, seen, generator, [so_far] if so_far else None)[0])
         if token in eos_ids:
             finish = "stop"
             break

@@ -111,9 +111,7 @@ def iter_generate(model, tokenizer, prompts: list[list[int]], params: SamplingPa
     generator = make_generator(params, device)
     cache = KVCache(cfg, b, width + params.max_new_tokens, cache_dtype, device)
     if shared:
-        for layer in range(cfg.n_layers):
-            cache.keys[layer][:, :, :shared] = prompt_cache.keys[layer]
-            cache.values[layer][:, :, :shared] = prompt_cache.values[layer]
+        cache.load_prefix(prompt_cache.keys, prompt_cache.values)
     logits = prefill(model, ids, positions, key_valid if padded else None, cache, start=shared)
     next_pos = positions[:, -1] + 1
     penalize = params.repetition_penalty != 1.0
@@ -153,9 +151,7 @@ def _run_prefix(model, ids: list[int], keep: int, keys, values, dtype):
     """Keys/values [1, H, len(ids), D] per layer of the prefix ``ids``, the first ``keep`` taken as given."""
     cache = KVCache(model.cfg, 1, len(ids), dtype, model.device)
     if keep:
-        for layer in range(model.cfg.n_layers):
-            cache.keys[layer][:, :, :keep] = keys[layer]
-            cache.values[layer][:, :, :keep] = values[layer]
+        cache.load_prefix(keys, values)
     rest = torch.tensor([ids[keep:]], device=model.device)
     positions = torch.arange(keep, len(ids), device=model.device)[None]
     prefill(model, rest, positions, None, cache, start=keep)

@@ -25,3 +25,11 @@ class KVCache:
         """For a one-token step of ``batch`` rows at ``start``: (keys, values per layer, each row's slot, span)."""
         slots = torch.full((batch,), start, dtype=torch.int64, device=self.keys[0].device)
         return self.keys, self.values, slots, start + 1
+
+    def load_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> int:
+        """Copy per-layer keys/values [1 or B, H, N, D] into slots ``0 .. N`` of every row; return N."""
+        n = keys[0].shape[2]
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            self.keys[layer][:, :, :n] = k
+            self.values[layer][:, :, :n] = v
+        return n

@@ -21,10 +21,13 @@ from .sampling import SamplingParams, filter_logits, make_generator
 
 @dataclass
 class SpeculativeStats:
-    rounds: int = 0  # target forward passes
     drafted: int = 0
     accepted: int = 0
-    accepted_per_round: list[int] = field(default_factory=list)
+    accepted_per_round: list[int] = field(default_factory=list)  # one entry per target forward pass
+
+    @property
+    def rounds(self) -> int:
+        return len(self.accepted_per_round)
 
     @property
     def acceptance_rate(self) -> float:
@@ -99,7 +102,6 @@ def speculative_generate(target, draft, prompt: Sequence[int], params: SamplingP
             new.append(x)
         else:
             new.append(_draw(ps[k], generator))  # every draft kept: the bonus token
-        stats.rounds += 1
         stats.drafted += k
         stats.accepted += accepted
         stats.accepted_per_round.append(accepted)
