@@ -145,6 +145,25 @@ def test_int4_kernel_matches_its_arithmetic(m, n, k, matmul_path):
     assert (got - dense).norm() / dense.norm() < 0.01
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("k", [576, 96])
+def test_a_rows_output_does_not_depend_on_its_batch(kind, k, matmul_path):
+    """Each row of a 7-row product (a group of four, then single rows) is bit-for-bit the row alone: the
+    tokens of a speculative verify pass must agree exactly with one-token decoding steps. (The torch form
+    is a BLAS matmul, whose blocking may change with the row count: the fused decode never runs on it.)"""
+    from slmkit.nn.quant import Int4Linear, quantize_int4
+
+    if matmul_path == "torch":
+        pytest.skip("the torch form makes no promise across row counts")
+
+    torch.manual_seed(k)
+    w, x = torch.randn(70, k), torch.randn(7, k) * 2
+    layer = Int4Linear(*quantize_int4(w), None) if kind == "int4" else Int8Linear(*quantize_int8(w), None)
+    together = layer(x)
+    for i in range(len(x)):
+        assert torch.equal(together[i], layer(x[i:i + 1])[0]), f"row {i}"
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_head_refinement_recomputes_the_top_entries_exactly(bias):
     torch.manual_seed(11)

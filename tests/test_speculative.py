@@ -80,3 +80,48 @@ def test_sampled_pairs_follow_the_targets_distribution():
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < CHI2_999[vocab * vocab - 1], f"chi-square {chi2:.1f}: {counts} vs {expected}"
     assert 0 < accepted < drafted  # the draft differs from the target: some proposals are rejected
+
+
+# ---- on the real SmolLM2 (int4, the file's own quantization): the verify pass agrees with plain decoding to the bit
+def compact_paths():
+    from slmkit import kernels
+
+    ops = kernels.load()
+    if ops is None:
+        return ["torch"]
+    return ["avx2"] + (["avx512"] if ops.cpu_has_avx512() else [])
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    import slmkit
+
+    return slmkit.load(str(smollm2_gguf))
+
+
+@pytest.mark.parametrize("path", compact_paths())
+def test_tokens_fed_together_equal_one_token_steps(smollm2, path):
+    from slmkit.nn.quant import compact_path
+
+    prompt = smollm2.tokenizer.encode("The quick brown fox jumps over the lazy dog and", add_special_tokens=False)
+    extra = [10, 200, 3000, 45, 77, 9, 123]  # 7 rows: a group of four and three single rows in the int4 kernel
+    with compact_path(path):
+        together, alone = Stream(smollm2.model, 64), Stream(smollm2.model, 64)
+        together.feed_logits(prompt, 1)
+        alone.feed_logits(prompt, 1)
+        many = together.feed_logits(extra, len(extra))
+        ones = torch.cat([alone.feed_logits([t], 1) for t in extra])
+        plain = alone.feed_logits([5], 1)
+        assert torch.equal(together.feed_logits([5], 1), plain)  # the caches agree too
+    assert torch.equal(many, ones)
+
+
+def test_self_draft_on_smollm2_accepts_everything_and_matches_greedy(smollm2):
+    tok = smollm2.tokenizer
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    for question in ("Write a haiku about autumn.", "Explain photosynthesis briefly."):
+        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]), add_special_tokens=False)
+        plain = generate(smollm2.model, None, [prompt], params, eos_ids=set())[0].token_ids
+        got, stats = speculative_generate(smollm2.model, smollm2.model, prompt, params, gamma=4)
+        assert got.token_ids == plain
+        assert stats.acceptance_rate == 1.0

@@ -34,29 +34,32 @@ class Stream:
 
     def feed(self, tokens: Sequence[int]) -> torch.Tensor:
         """Append ``tokens``; the next-token log-probabilities [V] after the last of them (float32)."""
-        return torch.log_softmax(self._advance(tokens), dim=-1)
+        return torch.log_softmax(self.feed_logits(tokens, 1)[-1], dim=-1)
 
     @torch.no_grad()
     def feed_logits(self, tokens: Sequence[int], last: int) -> torch.Tensor:
-        """Append ``tokens``; the raw logits [last, V] (float32) after each of the last ``last`` of them."""
+        """Append ``tokens``; the raw logits [last, V] (float32) after each of the last ``last`` of them.
+
+        The logits are the ones plain decoding computes for the same tokens: the stream's first tokens (the
+        prompt) are read by a chunked prefill, as generation reads a prompt, and every later token as a
+        one-token decoding step computes it (``stepwise``), so a verify pass over several draft tokens
+        agrees to the bit with token-by-token decoding on compact models."""
         tokens = list(tokens)
         if not 1 <= last <= len(tokens):
             raise SlmError(f"feed_logits: last must be in 1..{len(tokens)}, got {last}")
-        head = len(tokens) - last
-        if head:
-            self._advance(tokens[:head])
-        ids, positions = self._place(tokens[head:])
-        logits = self.model(ids, positions, None, self.cache, self.length)
-        self.length += last
-        return logits[0].float()
-
-    @torch.no_grad()
-    def _advance(self, tokens: Sequence[int]) -> torch.Tensor:
-        """Run ``tokens`` into the cache (chunked prefill); the raw logits [V] after the last one."""
-        ids, positions = self._place(tokens)
-        logits = prefill(self.model, ids, positions, None, self.cache, start=self.length)
-        self.length += len(tokens)
-        return logits[0].float()
+        rows = []
+        if self.length == 0:  # the prompt, up to the first scored position
+            split = len(tokens) - last + 1
+            ids, positions = self._place(tokens[:split])
+            rows.append(prefill(self.model, ids, positions, None, self.cache).float())
+            self.length = split
+            tokens = tokens[split:]
+        if tokens:
+            ids, positions = self._place(tokens)
+            logits = self.model(ids, positions, None, self.cache, self.length, stepwise=True)[0].float()
+            self.length += len(tokens)
+            rows.append(logits[len(tokens) - (last - len(rows)):])
+        return torch.cat(rows)
 
     def _place(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``tokens`` as ids [1, T] and their positions, after checking they fit."""

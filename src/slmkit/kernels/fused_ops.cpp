@@ -134,17 +134,23 @@ void silu_mul_rows(const float* gp, int64_t rows, int64_t h, float* yp) {
 
 template <typename T>
 void attend_rows(const float* qp, int64_t b, int64_t h, int64_t d, CacheView<T> k, CacheView<T> v, int64_t kv,
-                 int64_t length, const bool* vp, float sc, float* op) {
+                 int64_t full_length, const bool* vp, float sc, float* op) {
   // One task per (row, KV head): the group's query heads meet each cached key while it is loaded.
   const int64_t group = h / kv;
   at::parallel_for(0, b * kv, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> scores(group * length);  // [head in group, slot]
+    std::vector<float> scores(group * full_length);  // [head in group, slot]
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t row = task / kv, kvh = task % kv;
       const float* q0 = qp + (row * h + kvh * group) * d;
       const T* kb = k.base + row * k.stride_row + kvh * k.stride_head;
       const T* vb = v.base + row * v.stride_row + kvh * v.stride_head;
-      const bool* valid = vp ? vp + row * length : nullptr;
+      const bool* valid = vp ? vp + row * full_length : nullptr;
+      // A row attends up to its last visible slot: trailing hidden slots (a shorter row of the batcher's
+      // cache, a later token of one sequence fed as several rows) are left out rather than zeroed, so the
+      // row's sums run over exactly the slots a one-row step of the same length would see, in the same order.
+      int64_t length = full_length;
+      if (valid)
+        while (length > 1 && !valid[length - 1]) --length;
       int64_t s = 0;
       if (d % 8 == 0)
         for (; s + 8 <= length; s += 8)

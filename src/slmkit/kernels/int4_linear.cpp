@@ -114,6 +114,15 @@ SLMKIT_AVX512 inline __m256 sum_each(const __m512* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+// The horizontal sum of one vector in sum_each's order, so that a row's output does not depend on whether it
+// was computed in a group of four or alone (one sequence's tokens then agree with one-token decoding steps).
+SLMKIT_AVX512 inline float sum_one(__m512 v) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  const __m128 pairs = _mm_hadd_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));  // h0+h1 .. h6+h7
+  const __m128 quads = _mm_hadd_ps(pairs, pairs);  // (h0+h1)+(h2+h3), (h4+h5)+(h6+h7), ...
+  return _mm_cvtss_f32(_mm_add_ss(quads, _mm_movehdup_ps(quads)));
+}
+
 // The last block of a row with an odd number of blocks, the 256-bit way.
 SLMKIT_AVX512 inline float last_block(const uint8_t* codes, const uint16_t* scale, const int8_t* xq, float xs) {
   const __m256i w = codes32(codes, _mm_set1_epi8(0x0F));
@@ -154,7 +163,7 @@ SLMKIT_AVX512 void rows_times_pair_512(const RowPair& w, const int8_t* qp, const
     _mm256_storeu_ps(sums, sum_each(all));
     for (int j = 0; j < 4; ++j) y0[j] = sums[j], y1[j] = sums[4 + j];
   } else {
-    for (int j = 0; j < G; ++j) y0[j] = _mm512_reduce_add_ps(a0[j]), y1[j] = _mm512_reduce_add_ps(a1[j]);
+    for (int j = 0; j < G; ++j) y0[j] = sum_one(a0[j]), y1[j] = sum_one(a1[j]);
   }
   for (int j = 0; j < G; ++j) {
     const int64_t row = i + j;

@@ -22,7 +22,7 @@ from ..config import ModelConfig
 from ..nn.attention import Attention
 from ..nn.mlp import GatedMLP, PlainMLP
 from ..nn.norms import make_norm
-from ..nn.quant import block_kernels_forced_off
+from ..nn.quant import block_kernels_forced_off, dense_rows
 from ..nn.rope import inv_frequencies, rope_cis, rope_cos_sin
 from . import fused_decode
 
@@ -114,6 +114,7 @@ class Decoder(nn.Module):
         start: int = 0,
         last_only: bool = False,
         attn_mask: torch.Tensor | None = None,
+        stepwise: bool = False,
     ) -> torch.Tensor:
         """Logits for ``input_ids`` [B, T].
 
@@ -122,14 +123,16 @@ class Decoder(nn.Module):
         With ``last_only`` only the last position's logits are computed (generation).
         ``attn_mask`` [B, T, S] (True = may attend) replaces the causal mask: packed sequences that share
         a prefix (S == T, eval.scoring) or rows of a cache with lengths of their own (engine.batcher).
+        With ``stepwise`` (one row, a cache), a compact model computes each new token exactly as a one-token
+        decoding step would (models.fused_decode.decode_sequence; speculative decoding's verify pass).
         """
-        x = self.features(input_ids, positions, key_valid, cache, start, attn_mask)
+        x = self.features(input_ids, positions, key_valid, cache, start, attn_mask, stepwise)
         if last_only:
             x = x[:, -1:]
         return self.head(x)
 
     def features(self, input_ids, positions=None, key_valid=None, cache=None, start: int = 0,
-                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 attn_mask: torch.Tensor | None = None, stepwise: bool = False) -> torch.Tensor:
         """The final normed hidden states [B, T, D]: ``forward`` without the output head."""
         b, t = input_ids.shape
         device = input_ids.device
@@ -142,11 +145,14 @@ class Decoder(nn.Module):
             masks = custom_masks(self.cfg, attn_mask, positions)
         else:
             masks = attention_masks(self.cfg, t, start, key_valid, device)
-        if (t == 1 and self.quant != "none" and x.device.type == "cpu" and hasattr(cache, "decode_slots")
+        one_step = t == 1 or (stepwise and b == 1 and key_valid is None and attn_mask is None and t < dense_rows())
+        if (one_step and self.quant != "none" and x.device.type == "cpu" and hasattr(cache, "decode_slots")
                 and not block_kernels_forced_off()):
             fused = self._fused_decode_layers()  # RoPE happens inside: no tables needed
-            if fused is not None:
+            if fused is not None and t == 1:
                 return self.norm(fused_decode.decode(fused, x, positions, cache, start, masks[False]))
+            if fused is not None:
+                return self.norm(fused_decode.decode_sequence(fused, x, positions, cache, start))
         if self.layers[0].attn.rope_interleaved:  # compact checkpoint: complex rotations, one table
             cos, sin = rope_cis(positions, self.inv_freq), None
         else:

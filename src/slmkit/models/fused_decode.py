@@ -5,6 +5,11 @@ and allocation than in arithmetic. For compact (int8 / int4) Llama-style models 
 ``DecodeLayer`` does a whole layer -- norms, q|k|v, RoPE, cache write, attention, o, gate|up, SiLU*up,
 down, residuals -- with the same kernels and arithmetic as the eager path (tests/test_fused_decode.py
 holds the two together). Any model it does not cover keeps the eager path.
+
+:func:`decode_sequence` feeds a few new tokens of *one* sequence as the rows of one call, every row reading
+and writing the same cache row and seeing the slots up to its own: each token's hidden state is then
+bit-for-bit the one a one-token step would give, which speculative decoding's verify pass needs so that its
+greedy output equals plain decoding's.
 """
 
 from __future__ import annotations
@@ -65,3 +70,20 @@ def decode(layers: list, x: torch.Tensor, positions: torch.Tensor, cache, start:
     for layer, k, v in zip(layers, keys, values):
         h = layer.forward(h, pos, k, v, slots, span, valid, dense_from)
     return h.reshape(b, 1, -1)
+
+
+def decode_sequence(layers: list, x: torch.Tensor, positions: torch.Tensor, cache, start: int) -> torch.Tensor:
+    """Hidden states [1, T, D] for T new tokens of one sequence (``x`` [1, T, D]) at slots ``start ..``,
+    each as a one-token step at its own position computes it."""
+    t = x.shape[1]
+    keys, values, _, _ = cache.decode_slots(start, 1)
+    slots = torch.arange(start, start + t, dtype=torch.int64)
+    span = start + t
+    valid = torch.arange(span)[None, :] <= slots[:, None]  # row i sees slots 0 .. start + i
+    pos = positions.reshape(t).contiguous()
+    h = x.reshape(t, -1).contiguous()
+    dense_from = dense_rows()
+    for layer, k, v in zip(layers, keys, values):  # every row reads and writes cache row 0 (a stride-0 view)
+        h = layer.forward(h, pos, k[:1].expand(t, *k.shape[1:]), v[:1].expand(t, *v.shape[1:]), slots, span,
+                          valid, dense_from)
+    return h.reshape(1, t, -1)
