@@ -125,3 +125,40 @@ def test_self_draft_on_smollm2_accepts_everything_and_matches_greedy(smollm2):
         got, stats = speculative_generate(smollm2.model, smollm2.model, prompt, params, gamma=4)
         assert got.token_ids == plain
         assert stats.acceptance_rate == 1.0
+
+
+# ---- the EFT ensemble as the target: the small fine-tuned model drafts for large base + (small ft - small base)
+def eft_target(vocab: int = 64, scale: float = 0.3):
+    from slmkit.engine.combine import Delta, Ensemble
+
+    large, small_ft, small = (decoder(11, vocab=vocab, hidden=64, scale=scale), decoder(12, vocab=vocab, scale=scale),
+                              decoder(13, vocab=vocab, scale=scale))
+    return Ensemble(large, [Delta(small_ft, small, 1.0)]), small_ft
+
+
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_greedy_over_the_eft_ensemble_is_its_own_greedy_output(gamma):
+    from slmkit.engine.combine import generate_combined
+
+    target, draft = eft_target()
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    plain = generate_combined(target.base, target.deltas, PROMPT, params).token_ids
+    got, stats = speculative_generate(target, draft, PROMPT, params, gamma=gamma)
+    assert got.token_ids == plain
+    assert 0 < stats.accepted < stats.drafted
+
+
+def test_sampled_pairs_follow_the_eft_ensembles_distribution():
+    vocab = 6
+    target, draft = eft_target(vocab=vocab, scale=0.5)
+    first = target.stream(8).feed(PROMPT).exp()
+    joint = torch.stack([first[a] * target.stream(8).feed(PROMPT + [a]).exp() for a in range(vocab)])
+    n = 2000
+    counts = torch.zeros(vocab, vocab)
+    for seed in range(n):
+        params = SamplingParams(max_new_tokens=2, temperature=1.0, seed=seed)
+        got, _ = speculative_generate(target, draft, PROMPT, params, gamma=1)
+        counts[got.token_ids[0], got.token_ids[1]] += 1
+    expected = joint * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < CHI2_999[vocab * vocab - 1], f"chi-square {chi2:.1f}: {counts} vs {expected}"

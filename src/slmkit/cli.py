@@ -242,6 +242,20 @@ def cmd_supericl(args) -> int:
     return 0
 
 
+def cmd_eft(args) -> int:
+    from .methods.eft import load_config, run
+
+    if args.data_dir:
+        os.environ["SLMKIT_DATA"] = args.data_dir
+    cfg = load_config(args.config, args.set)
+    if args.data_dir:
+        cfg.data_dir = args.data_dir
+    run(cfg)
+    print((Path(cfg.out_dir) / "results.md").read_text(encoding="utf-8"), end="")
+    print(f"eft: results in {cfg.out_dir}/results.json and results.md", file=sys.stderr)
+    return 0
+
+
 def cmd_models(args) -> int:
     for name, entry in REGISTRY.items():
         path = locate(entry)
@@ -331,6 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set test_examples=50 --set large.batch_size=4")
     p.set_defaults(func=cmd_supericl)
+
+    p = sub.add_parser("eft", help="emulated fine-tuning: a small/large family trained here, EFT up- and "
+                                   "down-scaling against true fine-tunes, and speculative decoding")
+    p.add_argument("config", help="experiment config (YAML); see configs/eft.yaml")
+    p.add_argument("--data-dir", default=None, help="folder relative data paths resolve against "
+                                                    "(default $SLMKIT_DATA, else the current folder)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set eval.answers=10")
+    p.set_defaults(func=cmd_eft)
 
     p = sub.add_parser("models", help="list registry names")
     p.set_defaults(func=cmd_models)

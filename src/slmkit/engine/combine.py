@@ -128,29 +128,68 @@ def check_shared_vocab(models: Sequence, tokenizers: Sequence | None = None) -> 
     return sizes.pop()
 
 
+class Ensemble:
+    """A base model and deltas as one model: its stream's next-token scores are the combined log-probabilities
+    (:func:`combine`), so speculative decoding can take the EFT distribution as its target."""
+
+    def __init__(self, base, deltas: Sequence[Delta], tokenizers: Sequence | None = None):
+        self.base, self.deltas = base, list(deltas)
+        self.models = [base] + [m for d in self.deltas for m in (d.tuned, d.reference)]
+        self.vocab = check_shared_vocab(self.models, tokenizers)
+        self.cfg, self.device = base.cfg, base.device
+
+    def stream(self, max_len: int) -> "EnsembleStream":
+        return EnsembleStream(self, max_len)
+
+
+class EnsembleStream:
+    """Every distinct model of an :class:`Ensemble` on one token stream (each once, with its own cache)."""
+
+    def __init__(self, ensemble: Ensemble, max_len: int):
+        self.ensemble = ensemble
+        self.streams: dict[int, Stream] = {}
+        for m in ensemble.models:
+            self.streams.setdefault(id(m), Stream(m, max_len))
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.streams.values())).length
+
+    def feed_logits(self, tokens: Sequence[int], last: int) -> torch.Tensor:
+        """Append ``tokens``; the combined log-probabilities [last, vocab] after each of the last ``last``."""
+        vocab = self.ensemble.vocab
+        logp = {key: torch.log_softmax(s.feed_logits(tokens, last)[:, :vocab], dim=-1)
+                for key, s in self.streams.items()}
+        e = self.ensemble
+        return combine(logp[id(e.base)], [(d.weight, logp[id(d.tuned)], logp[id(d.reference)]) for d in e.deltas])
+
+    def feed(self, tokens: Sequence[int]) -> torch.Tensor:
+        return self.feed_logits(tokens, 1)[-1]
+
+    def rewind(self, length: int) -> None:
+        for s in self.streams.values():
+            s.rewind(length)
+
+
 def generate_combined(base, deltas: Sequence[Delta], prompt: Sequence[int], params: SamplingParams,
                       eos_ids: set[int] = frozenset(), tokenizer=None, tokenizers: Sequence | None = None,
                       ) -> Completion:
     """Decode one prompt from the combined distribution of ``base`` and ``deltas`` (greedy or sampled with
     ``params``; stop strings need ``tokenizer``). Each distinct model runs once per token."""
-    models = [base] + [m for d in deltas for m in (d.tuned, d.reference)]
-    vocab = check_shared_vocab(models, tokenizers)
+    ensemble = Ensemble(base, deltas, tokenizers)
     prompt = list(prompt)
     if not prompt:
         raise SlmError("generate_combined needs a non-empty prompt")
-    for m in models:
+    for m in ensemble.models:
         check_context(len(prompt), params.max_new_tokens, m.cfg.max_position_embeddings)
-    streams: dict[int, Stream] = {}
-    for m in models:
-        streams.setdefault(id(m), Stream(m, len(prompt) + params.max_new_tokens))
+    stream = ensemble.stream(len(prompt) + params.max_new_tokens)
     generator = make_generator(params, base.device)
     penalize = params.repetition_penalty != 1.0
     ids: list[int] = []
     finish = "length"
     fed = prompt
     for step in range(params.max_new_tokens):
-        logp = {key: s.feed(fed)[:vocab] for key, s in streams.items()}
-        scores = combine(logp[id(base)], [(d.weight, logp[id(d.tuned)], logp[id(d.reference)]) for d in deltas])
+        scores = stream.feed(fed)
         so_far = prompt + ids if penalize or params.logits_processors else None
         seen = torch.tensor([so_far], dtype=torch.long) if penalize else None
         token = int(next_tokens(scores[None], params, seen, generator, [so_far] if so_far else None)[0])

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from ..errors import SlmError
-from .combine import Stream, check_shared_vocab
+from .combine import Ensemble, Stream, check_shared_vocab
 from .generate import Completion, check_context
 from .sampling import SamplingParams, filter_logits, make_generator
 
@@ -55,20 +55,23 @@ def _draw(probs: torch.Tensor, generator) -> int:
 def speculative_generate(target, draft, prompt: Sequence[int], params: SamplingParams, gamma: int = 4,
                          eos_ids: set[int] = frozenset(), tokenizers: Sequence | None = None,
                          tokenizer=None) -> tuple[Completion, SpeculativeStats]:
-    """Decode ``prompt`` with ``target``, ``draft`` proposing ``gamma`` tokens per target pass."""
+    """Decode ``prompt`` with ``target`` (a model, or an engine.combine.Ensemble such as EFT's up-scaled
+    distribution), ``draft`` proposing ``gamma`` tokens per target pass."""
     if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
         raise SlmError(f"gamma (draft tokens per round) must be an integer >= 1, got {gamma!r}")
     if params.repetition_penalty != 1.0 or params.logits_processors:
         raise SlmError("speculative decoding supports temperature, top-k, top-p and min-p; not the repetition "
                        "penalty or logits processors")
-    vocab = check_shared_vocab([target, draft], tokenizers)
+    targets = target.models if isinstance(target, Ensemble) else [target]
+    vocab = check_shared_vocab(targets + [draft], tokenizers)
     prompt = list(prompt)
     if not prompt:
         raise SlmError("speculative decoding needs a non-empty prompt")
-    for m in (target, draft):
+    for m in targets + [draft]:
         check_context(len(prompt), params.max_new_tokens + gamma, m.cfg.max_position_embeddings)
     room = len(prompt) + params.max_new_tokens + gamma + 1
-    t_stream, d_stream = Stream(target, room), Stream(draft, room)
+    t_stream = target.stream(room) if isinstance(target, Ensemble) else Stream(target, room)
+    d_stream = Stream(draft, room)
     generator = make_generator(params, target.device)
     stats = SpeculativeStats()
     out: list[int] = []
