@@ -58,6 +58,7 @@ class DraftSection:
     lr: float = 3.0e-4
     temperature: float = 1.0
     alpha: float = 1.0  # weight of the KL to the teacher (1 - alpha: cross-entropy on the data)
+    quant: str = "none"  # the draft's form when decoding: none (float32) | int8 | int4
 
 
 @dataclass
@@ -148,6 +149,7 @@ def check_config(cfg: EFTConfig) -> None:
          and cfg.draft.layers == sorted(set(cfg.draft.layers)),
          f"draft.layers must be increasing layer indices, got {cfg.draft.layers!r}")
     need(0.0 <= cfg.draft.alpha <= 1.0, "draft.alpha must be within [0, 1]")
+    need(cfg.draft.quant in ("none", "int8", "int4"), f"draft.quant must be none, int8 or int4, got {cfg.draft.quant!r}")
 
 
 # ------------------------------------------------------------------------------------------------ paths
@@ -515,11 +517,11 @@ def eft_speculative(models: dict, items: list[dict], cfg: EFTConfig, eos_ids: se
 
 
 def draft_speculative(cfg: EFTConfig, draft_dir: Path, items: list[dict]) -> dict:
-    """SmolLM2 (the file's own int4) drafted by the distilled draft (int4 too)."""
+    """SmolLM2 (the file's own int4) drafted by the distilled draft (in ``draft.quant``)."""
     from ..api import load
     from ..engine.generate import generate
 
-    target_lm, draft_lm = load(cfg.draft.teacher), load(str(draft_dir), quant="int4")
+    target_lm, draft_lm = load(cfg.draft.teacher), load(str(draft_dir), quant=cfg.draft.quant)
     target = target_lm.model
     eos_ids = set(target.cfg.eos_ids)
 
