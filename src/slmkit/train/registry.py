@@ -83,5 +83,8 @@ def get_task(name: str) -> Task:
 
 
 def task_names() -> list[str]:
+    """Every task: the built-in ones in their reading order, then the others as they were registered (a method
+    module imported before the first lookup registers early, but still lists after the built-ins)."""
     _discover()
-    return list(_TASKS)
+    order = {name: i for i, name in enumerate(BUILTIN_ORDER)}
+    return sorted(_TASKS, key=lambda n: order.get(n, len(order)))
