@@ -228,31 +228,19 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_supericl(args) -> int:
-    from .methods.supericl import load_config, run
+def run_experiment(args, name: str) -> int:
+    """``slm supericl`` / ``slm eft``: a method module's config in (``--set``, ``--data-dir``), its table out."""
+    import importlib
 
+    method = importlib.import_module(f"slmkit.methods.{name}")
     if args.data_dir:
         os.environ["SLMKIT_DATA"] = args.data_dir
-    cfg = load_config(args.config, args.set)
+    cfg = method.load_config(args.config, args.set)
     if args.data_dir:
         cfg.data_dir = args.data_dir
-    run(cfg)
+    method.run(cfg)
     print((Path(cfg.out_dir) / "results.md").read_text(encoding="utf-8"), end="")
-    print(f"supericl: results in {cfg.out_dir}/results.json and results.md", file=sys.stderr)
-    return 0
-
-
-def cmd_eft(args) -> int:
-    from .methods.eft import load_config, run
-
-    if args.data_dir:
-        os.environ["SLMKIT_DATA"] = args.data_dir
-    cfg = load_config(args.config, args.set)
-    if args.data_dir:
-        cfg.data_dir = args.data_dir
-    run(cfg)
-    print((Path(cfg.out_dir) / "results.md").read_text(encoding="utf-8"), end="")
-    print(f"eft: results in {cfg.out_dir}/results.json and results.md", file=sys.stderr)
+    print(f"{name}: results in {cfg.out_dir}/results.json and results.md", file=sys.stderr)
     return 0
 
 
@@ -337,23 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value (repeatable), e.g. --set run.max_steps=100")
         p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("supericl", help="SuperICL: a fine-tuned plug-in's predictions in a large model's prompt, "
-                                        "against ICL alone and the plug-in alone")
-    p.add_argument("config", help="experiment config (YAML); see configs/supericl.yaml")
-    p.add_argument("--data-dir", default=None, help="folder relative data paths resolve against "
-                                                    "(default $SLMKIT_DATA, else the current folder)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set test_examples=50 --set large.batch_size=4")
-    p.set_defaults(func=cmd_supericl)
-
-    p = sub.add_parser("eft", help="emulated fine-tuning: a small/large family trained here, EFT up- and "
-                                   "down-scaling against true fine-tunes, and speculative decoding")
-    p.add_argument("config", help="experiment config (YAML); see configs/eft.yaml")
-    p.add_argument("--data-dir", default=None, help="folder relative data paths resolve against "
-                                                    "(default $SLMKIT_DATA, else the current folder)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set eval.answers=10")
-    p.set_defaults(func=cmd_eft)
+    experiments = {
+        "supericl": ("SuperICL: a fine-tuned plug-in's predictions in a large model's prompt, against ICL alone "
+                     "and the plug-in alone", "--set test_examples=50 --set large.batch_size=4"),
+        "eft": ("emulated fine-tuning: a small/large family trained here, EFT up- and down-scaling against true "
+                "fine-tunes, and speculative decoding", "--set eval.answers=10"),
+    }
+    for name, (summary, example) in experiments.items():
+        p = sub.add_parser(name, help=summary)
+        p.add_argument("config", help=f"experiment config (YAML); see configs/{name}.yaml")
+        p.add_argument("--data-dir", default=None, help="folder relative data paths resolve against "
+                                                        "(default $SLMKIT_DATA, else the current folder)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"override a config value (repeatable), e.g. {example}")
+        p.set_defaults(func=lambda args, name=name: run_experiment(args, name))
 
     p = sub.add_parser("models", help="list registry names")
     p.set_defaults(func=cmd_models)

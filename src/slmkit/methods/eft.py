@@ -13,10 +13,8 @@ trained on the teacher's token distributions) against SmolLM2 itself. ``slm eft 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import os
 import random
 import sys
 import time
@@ -27,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import SlmError
+from ..train.common import write_atomically
 from ..train.config import config_from_dict, parse_section, read_config_file
 from ..train.registry import register_task
 
@@ -161,12 +160,6 @@ def _resolve(path: str, data_dir: str | None) -> str:
     return data_path(path)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _trained(folder: Path) -> bool:
     return (folder / "model" / "config.json").is_file()
 
@@ -222,8 +215,8 @@ def split_instructions(cfg: EFTConfig, out: Path) -> tuple[Path, Path]:
         random.Random(cfg.seed).shuffle(order)
         held = [records[i] for i in sorted(order[:cfg.eval.heldout_examples])]
         records = [records[i] for i in sorted(order[cfg.eval.heldout_examples:])]
-    _write_atomically(heldout, json.dumps(held, ensure_ascii=False, indent=1))
-    _write_atomically(train, json.dumps(records, ensure_ascii=False, indent=1))
+    write_atomically(heldout, json.dumps(held, ensure_ascii=False, indent=1))
+    write_atomically(train, json.dumps(records, ensure_ascii=False, indent=1))
     return train, heldout
 
 
@@ -447,7 +440,7 @@ def answer_quality(models: dict, arms: dict, items: list[dict], cfg: EFTConfig, 
                 samples.append({"arm": name, "item": k, "answer": got.text})
         results[name] = {"rouge_l": sum(scores) / len(scores), "ends_turn": stops / len(chosen),
                          "answers": len(chosen)}
-    _write_atomically(out / "answer_samples.json", json.dumps(samples, indent=1, ensure_ascii=False) + "\n")
+    write_atomically(out / "answer_samples.json", json.dumps(samples, indent=1, ensure_ascii=False) + "\n")
     return results
 
 
@@ -520,6 +513,7 @@ def draft_speculative(cfg: EFTConfig, draft_dir: Path, items: list[dict]) -> dic
     """SmolLM2 (the file's own int4) drafted by the distilled draft (in ``draft.quant``)."""
     from ..api import load
     from ..engine.generate import generate
+    from ..engine.sampling import SamplingParams
 
     target_lm, draft_lm = load(cfg.draft.teacher), load(str(draft_dir), quant=cfg.draft.quant)
     target = target_lm.model
@@ -532,14 +526,9 @@ def draft_speculative(cfg: EFTConfig, draft_dir: Path, items: list[dict]) -> dic
     prompts = [item["prompt"] for item in items[:cfg.speculative.prompts]]
     result = speculative_runs(target, draft_lm.model, prompts, plain, cfg.speculative.gammas,
                               cfg.speculative.max_new_tokens, eos_ids, "SmolLM2 speculative")
-
-    def draft_alone(prompt, params):
-        return generate(draft_lm.model, None, [prompt], params, eos_ids=eos_ids)[0].token_ids
-
-    from ..engine.sampling import SamplingParams
-
     params = SamplingParams(max_new_tokens=cfg.speculative.max_new_tokens, temperature=0.0)
-    ids, dt = _timed(lambda: [draft_alone(p, params) for p in prompts])
+    ids, dt = _timed(lambda: [generate(draft_lm.model, None, [p], params, eos_ids=eos_ids)[0].token_ids
+                              for p in prompts])
     result["draft_tokens_per_s"] = sum(len(i) for i in ids) / dt
     result["draft_quant"], result["target_quant"] = draft_lm.model.quant, target.quant
     return result
@@ -590,8 +579,8 @@ def run(cfg: EFTConfig) -> dict:
 
 def _report(out: Path, report: dict, started: float) -> None:
     report["wall_seconds"] = round(time.time() - started, 1)
-    _write_atomically(out / "results.json", json.dumps(report, indent=2) + "\n")
-    _write_atomically(out / "results.md", tables(report))
+    write_atomically(out / "results.json", json.dumps(report, indent=2) + "\n")
+    write_atomically(out / "results.md", tables(report))
 
 
 def tables(report: dict) -> str:

@@ -33,6 +33,7 @@ import yaml
 from ..errors import SlmError
 from ..eval.data import read_records
 from ..teacher import CachedTeacher, EndpointTeacher, LocalTeacher, Teacher
+from ..train.common import write_atomically
 from ..train.config import config_from_dict, parse_section, read_config_file
 
 TASKS_FILE = Path(__file__).with_name("supericl_tasks.yaml")
@@ -342,7 +343,7 @@ def run_task(cfg: SuperICLConfig, spec: TaskSpec, test: list[Example], large: Te
                                 "icl_answer": icl_answers[i], "supericl_answer": sup_answers[i],
                                 **({"explanation": explanations[i]} if i in explanations else {})})
         (out / "prompt_example.txt").write_text(sup[0], encoding="utf-8")  # what the large model read
-    _write_atomically(out / "predictions.jsonl",
+    write_atomically(out / "predictions.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions))
     result["summary"] = summarise(result)
     return result
@@ -372,13 +373,6 @@ def summarise(result: dict) -> dict:
 
 def _accuracy(predicted: list[int | None], gold: list[int]) -> float:
     return sum(p == g for p, g in zip(predicted, gold)) / len(gold)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` beside ``path`` and rename it into place: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def table(results: list[dict], cfg: SuperICLConfig) -> str:
@@ -426,6 +420,6 @@ def write_report(out: Path, cfg: SuperICLConfig, results: list[dict], seconds: f
     """``results.json`` and ``results.md`` for the tasks finished so far (rewritten after each task)."""
     report = {"config": dataclasses.asdict(cfg), "complete": done, "wall_seconds": round(seconds, 1),
               "results": results}
-    _write_atomically(out / "results.json", json.dumps(report, indent=2) + "\n")
-    _write_atomically(out / "results.md", table(results, cfg))
+    write_atomically(out / "results.json", json.dumps(report, indent=2) + "\n")
+    write_atomically(out / "results.md", table(results, cfg))
 

@@ -94,3 +94,11 @@ def json_records(path: str | Path, expected: str = "records") -> Iterator[tuple[
             raise SlmError(f"{path}:{line_no}: not valid JSON ({exc})") from None
         yield index, line_no, record
         index += 1
+
+
+def write_atomically(path: str | Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and rename it into place: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
