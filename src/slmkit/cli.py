@@ -330,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "and the plug-in alone", "--set test_examples=50 --set large.batch_size=4"),
         "eft": ("emulated fine-tuning: a small/large family trained here, EFT up- and down-scaling against true "
                 "fine-tunes, and speculative decoding", "--set eval.answers=10"),
+        "lad": ("length-adaptive distillation: students distilled under token pruning against distil-then-prune, "
+                "searched length configurations, accuracy / FLOPs / latency", "--set search.iterations=3"),
     }
     for name, (summary, example) in experiments.items():
         p = sub.add_parser(name, help=summary)

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import SlmError
 from ..train.common import write_atomically
-from ..train.config import config_from_dict, parse_section, read_config_file
+from ..train.config import parse_section, read_config_file
 from ..train.registry import register_task
 
 
@@ -160,26 +160,12 @@ def _resolve(path: str, data_dir: str | None) -> str:
     return data_path(path)
 
 
-def _trained(folder: Path) -> bool:
-    return (folder / "model" / "config.json").is_file()
-
-
 def _train(raw: dict, label: str) -> Path:
-    """Run one training config with the one Trainer (continuing an interrupted run); a finished model is reused."""
-    from ..train.checkpoint import latest_checkpoint
-    from ..train.run import train as run_training
+    from ..train.run import train_stage
 
-    out = Path(raw["out_dir"])
-    if _trained(out):
-        print(f"eft: {label}: reusing {out / 'model'}", file=sys.stderr)
-        return out / "model"
-    print(f"eft: {label}: training into {out}", file=sys.stderr)
-    resume = latest_checkpoint(out / "checkpoints") is not None
-    run_training(config_from_dict(raw), resume=resume)
-    return out / "model"
+    return train_stage(raw, label, "eft")
 
 
-# ------------------------------------------------------------------------------------------------ data
 def family_tokenizer(cfg: EFTConfig, out: Path) -> Path:
     """The family's tokenizer folder (tokenizer.json + chat template), written once from ``cfg.tokenizer``."""
     from ..api import load

@@ -37,3 +37,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         return trainer.fit(resume=resume)
     finally:
         shutdown(d)
+
+
+def train_stage(raw: dict, label: str, method: str) -> Path:
+    """One stage of a method's experiment: train the config ``raw`` (a dict as in a YAML file) with the one
+    Trainer, continuing an interrupted run from its latest checkpoint; a finished stage (``out_dir/model``
+    holds a config.json) is reused. Returns the model folder."""
+    import sys
+
+    from .checkpoint import latest_checkpoint
+    from .config import config_from_dict
+
+    out = Path(raw["out_dir"])
+    if (out / "model" / "config.json").is_file():
+        print(f"{method}: {label}: reusing {out / 'model'}", file=sys.stderr)
+        return out / "model"
+    print(f"{method}: {label}: training into {out}", file=sys.stderr)
+    resume = latest_checkpoint(out / "checkpoints") is not None
+    train(config_from_dict(raw), resume=resume)
+    return out / "model"
