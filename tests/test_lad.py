@@ -221,6 +221,18 @@ def test_evolutionary_search_finds_the_best_schedule_of_a_known_objective():
     assert best[0] > best[-1] and points[best] > accuracy((0.5, 0.5, 0.5))
 
 
+def test_paired_difference_is_the_accuracy_gap_with_a_bootstrap_interval():
+    from slmkit.methods.lad.experiment import paired_difference
+
+    a = torch.tensor([1.0] * 60 + [0.0] * 40)
+    b = torch.tensor([1.0] * 50 + [0.0] * 50)
+    d = paired_difference(a, b, seed=0)
+    assert d["difference"] == pytest.approx(0.10)
+    assert 0.0 < d["low"] < 0.10 < d["high"] < 0.2  # ten examples differ, all in a's favour
+    same = paired_difference(a, a, seed=0)
+    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0}
+
+
 # ------------------------------------------------------------------------------------------------ data
 def test_readers_take_each_benchmark_format(tmp_path):
     files = {
@@ -304,6 +316,8 @@ def test_the_experiment_end_to_end_on_a_tiny_config(tmp_path, shared_data, minil
         assert half["searched"]["tokens"] <= 0.5 + 1e-9 and half["searched"]["flops"] < 0.75
         assert 0.0 <= half["searched"]["test_accuracy"] <= 1.0
     assert ds["teacher"]["flops_vs_student"] == pytest.approx(3.0, rel=0.01)  # 6 layers against 2
+    for d in ds["lad_minus_plain"].values():
+        assert d["low"] <= d["difference"] <= d["high"]
     for stage in ("sst2/teacher", "general-lad", "general-plain", "sst2/student-lad", "sst2/student-plain"):
         assert (out / stage / "model" / "config.json").is_file()
     started = (out / "general-lad" / "model" / "config.json").stat().st_mtime

@@ -286,9 +286,23 @@ class Encoded:
 
 
 @torch.inference_mode()
+def correct(model, data: Encoded, ratios) -> torch.Tensor:
+    """Per example (in the split's batch order): 1 where the pruned model's prediction is right."""
+    return torch.cat([(classify_pruned(model, x, m, ratios).argmax(-1) == y).float() for x, m, y in data.batches])
+
+
 def accuracy(model, data: Encoded, ratios) -> float:
-    correct = sum(int((classify_pruned(model, x, m, ratios).argmax(-1) == y).sum()) for x, m, y in data.batches)
-    return correct / len(data)
+    return float(correct(model, data, ratios).mean())
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor, seed: int, resamples: int = 2000) -> dict[str, float]:
+    """Accuracy of ``a`` minus ``b`` on the same examples, with a 95 % paired bootstrap interval."""
+    gen = torch.Generator().manual_seed(seed)
+    diff = a - b
+    draws = torch.randint(0, len(diff), (resamples, len(diff)), generator=gen)
+    means = diff[draws].mean(1).sort().values
+    return {"difference": float(diff.mean()), "low": float(means[int(0.025 * resamples)]),
+            "high": float(means[int(0.975 * resamples) - 1])}
 
 
 def flops_ratio(model_cfg, reference_cfg, data: Encoded, ratios) -> float:
@@ -331,6 +345,7 @@ def evaluate_dataset(cfg: LADConfig, name: str, files: dict, teacher_dir: Path, 
                               "teacher": {"test_accuracy": accuracy(teacher, test, None),
                                           "latency_ms": latency_ms(teacher, timed, None, cfg.latency.repeats),
                                           "flops_vs_student": None}}
+    predictions: dict[str, dict[float, torch.Tensor]] = {}
     for variant, folder in students.items():
         model = load(str(folder)).model.float().eval()
         n = model.cfg.n_layers
@@ -356,9 +371,14 @@ def evaluate_dataset(cfg: LADConfig, name: str, files: dict, teacher_dir: Path, 
                                    "flops": flops_ratio(model.cfg, model.cfg, test, list(chosen)),
                                    "latency_ms": ms, "speedup": full_ms / ms}
             rows.append(row)
+        predictions[variant] = {row["budget"]: correct(model, test, row["searched"]["ratios"])
+                                for row in rows if "searched" in row}
         report[variant] = {"full_latency_ms": full_ms, "budgets": rows, "searched_configurations": len(points),
                            "front": [{"ratios": list(c), "tokens": token_budget(c), "search_accuracy": points[c]}
                                      for c in pareto_front(points)]}
+    if set(predictions) >= {"lad", "plain"}:  # LAD minus the baseline, per budget, on the same test examples
+        report["lad_minus_plain"] = {str(b): paired_difference(predictions["lad"][b], predictions["plain"][b], cfg.seed)
+                                     for b in predictions["lad"] if b in predictions["plain"]}
     return report
 
 
@@ -412,32 +432,44 @@ def tables(report: dict) -> str:
                             f"| {s['speedup']:.2f}x ")
                 lines.append(f"| {100 * row['budget']:.0f} % | {VARIANT_NAMES[variant]} {searched}"
                              f"| {100 * row['constant']['test_accuracy']:.1f} |")
+        if "lad_minus_plain" in ds:
+            lines += ["", "LAD minus KD-then-pruned, test accuracy at the searched configurations "
+                      "(95 % paired bootstrap over the test examples):", "",
+                      "| tokens kept | difference (points) | 95 % interval |", "|---|---|---|"]
+            for budget, d in ds["lad_minus_plain"].items():
+                lines.append(f"| {100 * float(budget):.0f} % | {100 * d['difference']:+.1f} "
+                             f"| [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def plot(report: dict, path: Path) -> None:
-    """Test accuracy against FLOPs (relative to the un-pruned student) for each dataset and student."""
+    """Test accuracy against FLOPs (relative to the un-pruned student) and against measured latency, for each
+    dataset and student."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["datasets"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 8), squeeze=False)
+    for col, name in enumerate(names):
         ds = report["datasets"][name]
-        for variant, style in (("lad", "o-"), ("plain", "s--")):
-            rows = [r["searched"] for r in ds.get(variant, {}).get("budgets", []) if "searched" in r]
-            rows.sort(key=lambda r: r["flops"])
-            ax.plot([100 * r["flops"] for r in rows], [100 * r["test_accuracy"] for r in rows], style,
-                    label=f"{VARIANT_NAMES[variant]} (searched)")
-        ax.axhline(100 * ds["teacher"]["test_accuracy"], color="grey", linestyle=":", label="teacher")
-        ax.set_xlabel("FLOPs of the un-pruned student (%)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        for row, (key, label) in enumerate((("flops", "FLOPs of the un-pruned student (%)"),
+                                            ("latency_ms", "CPU latency per batch (ms)"))):
+            ax = axes[row][col]
+            scale = 100 if key == "flops" else 1
+            for variant, style in (("lad", "o-"), ("plain", "s--")):
+                points = [r["searched"] for r in ds.get(variant, {}).get("budgets", []) if "searched" in r]
+                points.sort(key=lambda r: r[key])
+                ax.plot([scale * r[key] for r in points], [100 * r["test_accuracy"] for r in points], style,
+                        label=f"{VARIANT_NAMES[variant]} (searched)")
+            ax.axhline(100 * ds["teacher"]["test_accuracy"], color="grey", linestyle=":", label="teacher")
+            ax.set_xlabel(label)
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_title(name)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
