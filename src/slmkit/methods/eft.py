@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import SlmError
-from ..train.common import write_atomically
+from ..train.common import data_path, positive_int, write_atomically
 from ..train.config import parse_section, read_config_file
 from ..train.registry import register_task
 
@@ -114,10 +114,6 @@ def config_from_mapping(raw: dict) -> EFTConfig:
     return top
 
 
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def check_config(cfg: EFTConfig) -> None:
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -126,13 +122,13 @@ def check_config(cfg: EFTConfig) -> None:
     for name in ("small", "large"):
         section = getattr(cfg, name)
         need(isinstance(section.config, dict) and section.config, f"{name}.config must give the model's sizes")
-        need(_positive_int(section.pretrain_tokens), f"{name}.pretrain_tokens must be an integer >= 1")
+        need(positive_int(section.pretrain_tokens), f"{name}.pretrain_tokens must be an integer >= 1")
     need(isinstance(cfg.corpus, list) and cfg.corpus and all(isinstance(c, str) for c in cfg.corpus),
          f"corpus must be a list of paths, got {cfg.corpus!r}")
     for name in ("finetune.steps", "finetune.micro_batch_size", "draft.steps", "draft.micro_batch_size",
                  "eval.heldout_examples", "eval.max_new_tokens", "speculative.max_new_tokens"):
         section, key = name.split(".")
-        need(_positive_int(getattr(getattr(cfg, section), key)), f"{name} must be an integer >= 1")
+        need(positive_int(getattr(getattr(cfg, section), key)), f"{name} must be an integer >= 1")
     for name in ("eval.answers", "speculative.prompts"):
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -141,7 +137,7 @@ def check_config(cfg: EFTConfig) -> None:
          and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in cfg.eval.betas),
          f"eval.betas must be a list of numbers, got {cfg.eval.betas!r}")
     need(isinstance(cfg.speculative.gammas, list) and cfg.speculative.gammas
-         and all(_positive_int(g) for g in cfg.speculative.gammas),
+         and all(positive_int(g) for g in cfg.speculative.gammas),
          f"speculative.gammas must be a list of integers >= 1, got {cfg.speculative.gammas!r}")
     need(isinstance(cfg.draft.layers, list) and cfg.draft.layers and all(
         isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in cfg.draft.layers)
@@ -152,14 +148,6 @@ def check_config(cfg: EFTConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ paths
-def _resolve(path: str, data_dir: str | None) -> str:
-    from ..train.common import data_path
-
-    if data_dir is not None and not Path(path).is_absolute():
-        return str(Path(data_dir) / path)
-    return data_path(path)
-
-
 def _train(raw: dict, label: str) -> Path:
     from ..train.run import train_stage
 
@@ -186,11 +174,11 @@ def split_instructions(cfg: EFTConfig, out: Path) -> tuple[Path, Path]:
     if train.is_file() and heldout.is_file():
         return train, heldout
     folder.mkdir(parents=True, exist_ok=True)
-    source = _resolve(cfg.instructions, cfg.data_dir)
+    source = data_path(cfg.instructions, cfg.data_dir)
     load_conversations(source)  # a bad record fails here, naming the file and the record
     records = [record for _, _, record in json_records(source, "instruction records")]
     if cfg.heldout:
-        held_source = _resolve(cfg.heldout, cfg.data_dir)
+        held_source = data_path(cfg.heldout, cfg.data_dir)
         load_conversations(held_source)
         held = [record for _, _, record in json_records(held_source, "instruction records")]
     else:
@@ -216,7 +204,7 @@ def pretrain_base(cfg: EFTConfig, name: str, tokenizer: Path, out: Path) -> Path
     section: BaseModelSection = getattr(cfg, name)
     micro, seq = 16, 256
     steps = max(1, section.pretrain_tokens // (micro * seq))
-    corpus = [str(Path(_resolve(c, cfg.data_dir)).resolve()) for c in cfg.corpus]
+    corpus = [str(Path(data_path(c, cfg.data_dir)).resolve()) for c in cfg.corpus]
     raw = {
         "task": "pretrain", "out_dir": str((out / f"{name}-base").resolve()),
         "model": {"init": "scratch", "tokenizer": str(tokenizer.resolve()),
@@ -280,7 +268,6 @@ def truncated_copy(teacher, layers: list[int]):
 
 def build_draft(cfg, d):
     from ..train.chat_data import build_chat_dataset
-    from ..train.common import data_path
     from ..train.decoder_parts import ChatBatches, decoder_saver, load_model
     from ..train.objectives import DistillationLoss
     from ..train.trainer import RunParts

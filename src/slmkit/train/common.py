@@ -16,16 +16,24 @@ from ..errors import SlmError
 from .distributed import Dist
 
 
-def data_path(path: str) -> str:
-    """A data path from a config: absolute as given, relative ones against ``$SLMKIT_DATA`` (else the
-    current folder), as evaluation tasks resolve theirs."""
+def data_path(path: str, data_dir: str | None = None) -> str:
+    """A data path from a config: absolute as given, relative ones against ``data_dir`` when given (an
+    experiment's ``--data-dir``), else ``$SLMKIT_DATA`` (else the current folder), as evaluation tasks
+    resolve theirs. A path that does not exist is an error naming it."""
     p = Path(path).expanduser()
-    if not p.is_absolute() and os.environ.get("SLMKIT_DATA"):
-        p = Path(os.environ["SLMKIT_DATA"]).expanduser() / p
+    base = data_dir if data_dir is not None else os.environ.get("SLMKIT_DATA")
+    if not p.is_absolute() and base:
+        p = Path(base).expanduser() / p
     if not p.exists():
-        hint = "" if p.is_absolute() and Path(path).is_absolute() else " (relative data paths resolve against $SLMKIT_DATA)"
+        where = "--data-dir" if data_dir is not None else "$SLMKIT_DATA"
+        hint = "" if p.is_absolute() and Path(path).is_absolute() else f" (relative data paths resolve against {where})"
         raise SlmError(f"data path {p} does not exist{hint}")
     return str(p)
+
+
+def positive_int(value) -> bool:
+    """An integer >= 1 (a YAML ``true`` is not one), for config checks."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def scratch_vocab_size(fields: dict, tokenizer_vocab: int) -> int:

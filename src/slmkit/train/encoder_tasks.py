@@ -42,7 +42,8 @@ from .bpe import train_bpe
 from .config import TrainConfig
 from .distributed import Dist
 from .epochs import EpochOrder
-from .common import on_main_then_all, scratch_vocab_size
+from .common import data_path, on_main_then_all, scratch_vocab_size
+from .corpus import val_mask
 
 IGNORE = -100
 ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # ids 0..4, as in roberta-base
@@ -452,6 +453,24 @@ def labelled_examples(files: list[str], cfg: TrainConfig, vocab: EncoderVocab, m
     rows = [r for f in files for r in read_labelled(f, cfg.data.text_column, cfg.data.label_column)]
     labels = [label_index(raw, cfg.model.num_labels, cfg.model.labels or [], where) for _, raw, where in rows]
     return list(zip(encode_texts(vocab.tokenizer, [text for text, _, _ in rows], max_length), labels))
+
+
+def classification_sources(cfg: TrainConfig, vocab: EncoderVocab,
+                           max_length: int) -> tuple[ClassifyBatches, ClassifyBatches, int]:
+    """(train batches, validation batches, validation size) from ``data.train_file`` (one file or a list) and
+    ``data.val_file``, or, without one, a seeded ``data.val_fraction`` held out of the training examples."""
+    files = [cfg.data.train_file] if isinstance(cfg.data.train_file, str) else list(cfg.data.train_file or [])
+    if not files:
+        raise SlmError(f"config: task {cfg.task} needs data.train_file (a labelled .tsv/.csv/.jsonl/.json file "
+                       f"or a list of them)")
+    train = labelled_examples([data_path(f) for f in files], cfg, vocab, max_length)
+    if cfg.data.val_file:
+        val = labelled_examples([data_path(cfg.data.val_file)], cfg, vocab, max_length)
+    else:  # hold out a seeded fraction of the training examples
+        held = val_mask(len(train), cfg.data.val_fraction, cfg.run.seed)
+        train, val = [e for e, h in zip(train, held) if not h], [e for e, h in zip(train, held) if h]
+    return (ClassifyBatches(train, cfg.run.seed, vocab.pad_id),
+            ClassifyBatches(val, cfg.run.seed, vocab.pad_id, shuffle=False), len(val))
 
 
 def encoder_to_train(cfg: TrainConfig, d: Dist, heads: tuple[str, ...]) -> tuple[EncoderModel, EncoderVocab]:

@@ -18,6 +18,7 @@ import random
 from pathlib import Path
 
 from ...errors import SlmError
+from ...train.common import write_atomically
 from ...train.encoder_tasks import read_labelled
 
 AGNEWS_CLASSES = ("World", "Sports", "Business", "Sci/Tech")
@@ -118,9 +119,7 @@ def corpus_lines(files: list[Path], n: int, seed: int, min_words: int = 6) -> li
 
 def write_jsonl(path: Path, examples: list[tuple[str, int]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in examples), encoding="utf-8")
-    tmp.replace(path)
+    write_atomically(path, "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in examples))
     return path
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ...errors import SlmError
-from ...train.common import write_atomically
+from ...train.common import data_path, positive_int, write_atomically
 from ...train.config import parse_section, read_config_file
 from .data import corpus_lines, read_examples, write_jsonl
 from .pruning import classify_pruned, encoder_flops, token_budget
@@ -128,10 +128,6 @@ def config_from_mapping(raw: dict) -> LADConfig:
     return top
 
 
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def check_config(cfg: LADConfig) -> None:
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -140,33 +136,25 @@ def check_config(cfg: LADConfig) -> None:
     for name, ds in cfg.datasets.items():
         need(name.replace("_", "").replace("-", "").isalnum(), f"datasets: name {name!r} must be letters, digits, - or _")
         need(bool(ds.train) and bool(ds.test), f"datasets.{name}: give train and test files")
-        need(_positive_int(ds.labels) and ds.labels >= 2, f"datasets.{name}.labels must be an integer >= 2")
-        need(_positive_int(ds.search_examples), f"datasets.{name}.search_examples must be an integer >= 1")
+        need(positive_int(ds.labels) and ds.labels >= 2, f"datasets.{name}.labels must be an integer >= 2")
+        need(positive_int(ds.search_examples), f"datasets.{name}.search_examples must be an integer >= 1")
     for name in ("general.lines", "general.steps", "general.micro_batch_size", "general.seq_len",
                  "teacher_ft.micro_batch_size", "distill.micro_batch_size", "distill.sub_models",
                  "search.iterations", "search.mutations", "latency.examples", "latency.batch_size",
                  "latency.repeats", "seq_len"):
         section, _, key = name.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, key)
-        need(_positive_int(value), f"{name} must be an integer >= 1, got {value!r}")
+        need(positive_int(value), f"{name} must be an integer >= 1, got {value!r}")
     need(cfg.teacher_ft.epochs > 0 and cfg.distill.epochs > 0, "teacher_ft.epochs and distill.epochs must be > 0")
     need(isinstance(cfg.budgets, list) and cfg.budgets and all(
         isinstance(b, (int, float)) and 0 < b <= 1 for b in cfg.budgets), f"budgets must be fractions in (0, 1], got {cfg.budgets!r}")
 
 
 # ------------------------------------------------------------------------------------------------ data
-def _resolve(path: str, data_dir: str | None) -> str:
-    from ...train.common import data_path
-
-    if data_dir is not None and not Path(path).is_absolute():
-        return str(Path(data_dir) / path)
-    return data_path(path)
-
-
 def corpus_files(cfg: LADConfig) -> list[Path]:
     files = []
     for entry in cfg.corpus:
-        path = Path(_resolve(entry, cfg.data_dir))
+        path = Path(data_path(entry, cfg.data_dir))
         files.extend(sorted(path.glob("*.jsonl")) if path.is_dir() else [path])
     if not files:
         raise SlmError(f"corpus: no .jsonl files in {cfg.corpus}")
@@ -177,8 +165,8 @@ def prepare_data(cfg: LADConfig, out: Path) -> dict[str, dict[str, Path]]:
     """Each dataset's train / search / test JSONL under ``out/data`` (the search split is held out of train)."""
     files = {}
     for name, ds in cfg.datasets.items():
-        train = read_examples(_resolve(ds.train, cfg.data_dir))
-        test = read_examples(_resolve(ds.test, cfg.data_dir))
+        train = read_examples(data_path(ds.train, cfg.data_dir))
+        test = read_examples(data_path(ds.test, cfg.data_dir))
         for split, examples in (("train", train), ("test", test)):
             bad = next((y for _, y in examples if not 0 <= y < ds.labels), None)
             if bad is not None:
@@ -260,13 +248,16 @@ def task_distill(cfg: LADConfig, name: str, variant: str, student: Path, teacher
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-class Encoded:
-    """A labelled split tokenized once, in batches sorted by length (little padding)."""
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
-    def __init__(self, path: Path, tokenizer, max_length: int, batch_size: int = 64):
+
+class Encoded:
+    """A labelled split (``{"text", "label"}`` rows) tokenized once, in batches sorted by length (little padding)."""
+
+    def __init__(self, rows: list[dict], tokenizer, max_length: int, batch_size: int = 64):
         from ...train.encoder_tasks import encode_texts
 
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         ids = encode_texts(tokenizer, [r["text"] for r in rows], max_length)
         order = sorted(range(len(ids)), key=lambda k: len(ids[k]))
         pad = tokenizer.pad_id
@@ -324,23 +315,17 @@ def latency_ms(model, data: Encoded, ratios, repeats: int) -> float:
     return 1000.0 * best / len(data.batches)
 
 
-def _timed_subset(path: Path, tokenizer, cfg: LADConfig, out: Path, name: str) -> Encoded:
-    rows = path.read_text(encoding="utf-8").splitlines()[:cfg.latency.examples]
-    subset = out / "data" / name / "latency.jsonl"
-    write_atomically(subset, "".join(f"{r}\n" for r in rows))
-    return Encoded(subset, tokenizer, cfg.seq_len, cfg.latency.batch_size)
-
-
-def evaluate_dataset(cfg: LADConfig, name: str, files: dict, teacher_dir: Path, students: dict[str, Path],
-                     out: Path) -> dict[str, Any]:
+def evaluate_dataset(cfg: LADConfig, name: str, files: dict, teacher_dir: Path,
+                     students: dict[str, Path]) -> dict[str, Any]:
     from ...api import load
 
     teacher_lm = load(str(teacher_dir))
     teacher = teacher_lm.model.float().eval()
     tokenizer = teacher_lm.tokenizer
-    search = Encoded(files["search"], tokenizer, cfg.seq_len)
-    test = Encoded(files["test"], tokenizer, cfg.seq_len)
-    timed = _timed_subset(files["test"], tokenizer, cfg, out, name)
+    search = Encoded(read_rows(files["search"]), tokenizer, cfg.seq_len)
+    test_rows = read_rows(files["test"])
+    test = Encoded(test_rows, tokenizer, cfg.seq_len)
+    timed = Encoded(test_rows[:cfg.latency.examples], tokenizer, cfg.seq_len, cfg.latency.batch_size)
     report: dict[str, Any] = {"examples": {"train": _count(files["train"]), "search": len(search), "test": len(test)},
                               "teacher": {"test_accuracy": accuracy(teacher, test, None),
                                           "latency_ms": latency_ms(teacher, timed, None, cfg.latency.repeats),
@@ -349,7 +334,6 @@ def evaluate_dataset(cfg: LADConfig, name: str, files: dict, teacher_dir: Path, 
     for variant, folder in students.items():
         model = load(str(folder)).model.float().eval()
         n = model.cfg.n_layers
-        report["teacher"]["flops_vs_student"] = 1.0 / flops_ratio(model.cfg, teacher.cfg, test, None)
         print(f"lad: {name}: length search for the {variant} student", file=sys.stderr)
         t0 = time.time()
         points = evolutionary_search(lambda r: accuracy(model, search, r), n, cfg.search.iterations,
@@ -365,17 +349,18 @@ def evaluate_dataset(cfg: LADConfig, name: str, files: dict, teacher_dir: Path, 
                                                    "flops": flops_ratio(model.cfg, model.cfg, test, constant)}}
             if chosen is not None:
                 ms = latency_ms(model, timed, list(chosen), cfg.latency.repeats)
-                row["searched"] = {"ratios": list(chosen), "search_accuracy": points.get(chosen, accuracy(model, search, None)),
-                                   "test_accuracy": accuracy(model, test, list(chosen)),
+                predictions.setdefault(variant, {})[budget] = right = correct(model, test, list(chosen))
+                searched = points[chosen] if chosen in points else accuracy(model, search, list(chosen))
+                row["searched"] = {"ratios": list(chosen), "search_accuracy": searched,
+                                   "test_accuracy": float(right.mean()),
                                    "tokens": token_budget(chosen),
                                    "flops": flops_ratio(model.cfg, model.cfg, test, list(chosen)),
                                    "latency_ms": ms, "speedup": full_ms / ms}
             rows.append(row)
-        predictions[variant] = {row["budget"]: correct(model, test, row["searched"]["ratios"])
-                                for row in rows if "searched" in row}
         report[variant] = {"full_latency_ms": full_ms, "budgets": rows, "searched_configurations": len(points),
                            "front": [{"ratios": list(c), "tokens": token_budget(c), "search_accuracy": points[c]}
                                      for c in pareto_front(points)]}
+    report["teacher"]["flops_vs_student"] = 1.0 / flops_ratio(model.cfg, teacher.cfg, test, None)
     if set(predictions) >= {"lad", "plain"}:  # LAD minus the baseline, per budget, on the same test examples
         report["lad_minus_plain"] = {str(b): paired_difference(predictions["lad"][b], predictions["plain"][b], cfg.seed)
                                      for b in predictions["lad"] if b in predictions["plain"]}
@@ -397,7 +382,7 @@ def run(cfg: LADConfig) -> dict:
     report: dict[str, Any] = {"config": dataclasses.asdict(cfg), "datasets": {}}
     for name in cfg.datasets:
         students = {v: task_distill(cfg, name, v, general[v], teachers[name], files[name], out) for v in VARIANT_NAMES}
-        report["datasets"][name] = evaluate_dataset(cfg, name, files[name], teachers[name], students, out)
+        report["datasets"][name] = evaluate_dataset(cfg, name, files[name], teachers[name], students)
         _report(out, report, started)
     report["complete"] = True
     _report(out, report, started)

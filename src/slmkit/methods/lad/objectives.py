@@ -19,7 +19,6 @@ the last layer keeps what the one before it kept.
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Sequence
 

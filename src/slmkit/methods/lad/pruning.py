@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ...errors import SlmError
 from ...models.encoder import EncoderConfig, EncoderLayer, EncoderModel

@@ -9,14 +9,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ...errors import SlmError
 from ...models.encoder import EncoderModel
-from ...train.common import data_path
-from ...train.corpus import val_mask
-from ...train.encoder_tasks import (ClassifyBatches, check_encoder_run, classification_metrics, encoder_saver,
-                                    encoder_to_train, encoder_vocab, labelled_examples, load_encoder_to_train)
+from ...train.encoder_tasks import (check_encoder_run, classification_metrics, classification_sources, encoder_saver,
+                                    encoder_to_train, encoder_vocab, load_encoder_to_train)
 from ...train.registry import register_task
 from ...train.trainer import RunParts
 from .objectives import VARIANTS, GeneralDistillLoss, TaskDistillLoss
@@ -65,20 +61,6 @@ def student_from_layers(teacher: EncoderModel, layers: list[int]) -> EncoderMode
     return student
 
 
-def _text_sources(cfg, vocab, max_length: int):
-    files = [cfg.data.train_file] if isinstance(cfg.data.train_file, str) else list(cfg.data.train_file or [])
-    if not files:
-        raise SlmError(f"config: task {cfg.task} needs data.train_file (a JSONL file of text and label)")
-    train = labelled_examples([data_path(f) for f in files], cfg, vocab, max_length)
-    if cfg.data.val_file:
-        val = labelled_examples([data_path(cfg.data.val_file)], cfg, vocab, max_length)
-    else:
-        held = val_mask(len(train), cfg.data.val_fraction, cfg.run.seed)
-        train, val = [e for e, h in zip(train, held) if not h], [e for e, h in zip(train, held) if h]
-    return ClassifyBatches(train, cfg.run.seed, vocab.pad_id), ClassifyBatches(val, cfg.run.seed, vocab.pad_id,
-                                                                               shuffle=False), len(val)
-
-
 def build_general(cfg, d) -> RunParts:
     check_encoder_run(cfg)
     section: GeneralSection = cfg.method
@@ -88,7 +70,7 @@ def build_general(cfg, d) -> RunParts:
     teacher = lm.model.float().eval().requires_grad_(False)
     vocab = encoder_vocab(Path(lm.source))
     student = student_from_layers(teacher, list(section.student_layers)).train()
-    train, val, n_val = _text_sources(cfg, vocab, min(cfg.data.seq_len, teacher.cfg.max_tokens))
+    train, val, n_val = classification_sources(cfg, vocab, min(cfg.data.seq_len, teacher.cfg.max_tokens))
     objective = GeneralDistillLoss(student, teacher, section.variant, section.drop_bounds, section.queue_size,
                                    section.tau, section.weight, vocab.mask_id, cfg.run.seed)
     return RunParts(student, train, val, n_val, encoder_saver(cfg, student.cfg, (), vocab), objective=objective,
@@ -111,7 +93,7 @@ def build_task(cfg, d) -> RunParts:
     if not isinstance(teacher, EncoderModel) or teacher.classifier is None:
         raise SlmError(f"lad_task.teacher: {section.teacher} is not an encoder with a classification head")
     teacher = teacher.float().eval().requires_grad_(False)
-    train, val, n_val = _text_sources(cfg, vocab, min(cfg.data.seq_len, student.cfg.max_tokens))
+    train, val, n_val = classification_sources(cfg, vocab, min(cfg.data.seq_len, student.cfg.max_tokens))
     objective = TaskDistillLoss(student, teacher, section.variant, section.drop_bounds, section.sub_models,
                                 section.temperature, section.ce_weight, section.queue_size, section.tau,
                                 cfg.run.seed)
@@ -123,8 +105,6 @@ def build_task(cfg, d) -> RunParts:
     def evaluate(module: EncoderModel) -> dict[str, float]:
         return {"accuracy": classification_metrics(module, val, cfg.run.micro_batch_size)["accuracy"]}
 
-    student.train()
-    torch.manual_seed(cfg.run.seed)
     return RunParts(student, train, val, n_val, encoder_saver(cfg, student.cfg, ("classifier",), vocab, after=write_eval),
                     objective=objective, blocks=list(student.encoder.layers), frozen=[teacher], evaluate=evaluate)
 
