@@ -4,6 +4,7 @@
     slm generate [-m MODEL] PROMPT      stream a continuation (--chat wraps PROMPT in the chat template)
     slm info MODEL                      architecture, parameters, tensor types, tokenizer
     slm quantize MODEL OUT --quant int8 write a compact checkpoint (load it like any model)
+    slm export MODEL OUT.gguf --quant f16|q8_0|q4_0|q4_k_m   a GGUF file for llama.cpp / Ollama
     slm train CONFIG.yaml               any registered task (built-in or a method's); --resume continues
     slm pretrain CONFIG.yaml            train from scratch (or further) on a corpus; --resume continues
     slm finetune CONFIG.yaml            full or LoRA fine-tuning, chat SFT with loss on assistant tokens
@@ -169,6 +170,21 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .api import load
+
+    lm = load(args.model, quant="auto" if args.adapter is None else "none")
+    if args.adapter is not None:
+        from .formats.peft import load_peft_adapter
+        from .nn.lora import merge_lora
+
+        load_peft_adapter(lm.model, args.adapter)
+        merge_lora(lm.model)
+    out = lm.export_gguf(args.output, quant=args.quant, name=args.name)
+    print(f"wrote {args.quant} GGUF to {out} ({out.stat().st_size / 2 ** 20:.1f} MiB)", file=sys.stderr)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .api import load
     from .eval import builtin_tasks, evaluate, format_table, load_task
@@ -282,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="folder to write")
     p.add_argument("--quant", default="int8", choices=["int8", "int4"])
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export", help="write a GGUF file that llama.cpp and Ollama run")
+    p.add_argument("model", help="registry name, .gguf file or HF folder (a trained slmkit model's model/ folder)")
+    p.add_argument("output", help="the .gguf file to write")
+    p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_0", "q4_k_m"])
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder to merge into the model first")
+    p.add_argument("--name", default=None, help="general.name in the file (default: the model's file name)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="score a model on benchmark tasks")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="registry name, .gguf file or HF folder")

@@ -44,7 +44,7 @@ _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # tokenizer.ggml.pre -> the regexes applied in turn, each to the pieces of the one before.
-_PRE_SPLITS = {
+PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(("default", "gpt-2", "phi-2", "codegen", "mpt", "olmo"), [_GPT2]),
     **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell", "command-r"), [r"\p{N}", _GPT2]),
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe"), [_LLAMA3]),
@@ -248,9 +248,9 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _byte_level_bpe(meta: dict, tokens: list[str], pre: str) -> tokenizers.Tokenizer:
-    if pre not in _PRE_SPLITS:
+    if pre not in PRE_TOKENIZER_SPLITS:
         raise UnsupportedError(f"GGUF tokenizer.ggml.pre {pre!r} is not supported "
-                               f"(supported: {', '.join(sorted(_PRE_SPLITS))})")
+                               f"(supported: {', '.join(sorted(PRE_TOKENIZER_SPLITS))})")
     merges = meta.get("tokenizer.ggml.merges")
     if not merges:
         raise ModelFileError("GGUF byte-level tokenizer has no tokenizer.ggml.merges")
@@ -261,7 +261,7 @@ def _byte_level_bpe(meta: dict, tokens: list[str], pre: str) -> tokenizers.Token
     backend = tokenizers.Tokenizer(BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
                                        continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
                                        ignore_merges=pre in _LLAMA3_FAMILY))
-    splits = [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in _PRE_SPLITS[pre]]
+    splits = [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in PRE_TOKENIZER_SPLITS[pre]]
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()

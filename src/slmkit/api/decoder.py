@@ -130,6 +130,14 @@ class LM:
         return write_compact(folder, self.config, self.float_weights("save_compact"), self.tokenizer, mode,
                              self.source)
 
+    def export_gguf(self, path: str | Path, quant: str = "f16", name: str | None = None,
+                    progress: bool = True) -> Path:
+        """Write the model as a GGUF file for llama.cpp / Ollama (``quant``: f16, q8_0, q4_0, q4_k_m); see
+        ``formats.gguf_export``."""
+        from ..formats.gguf_export import export_gguf
+
+        return export_gguf(self, path, quant=quant, name=name, progress=progress)
+
     def float_weights(self, purpose: str):
         """The float weights (a mapping with slmkit key names): the model's own, or -- for a compact model loaded
         from a GGUF file -- the file's, read again and dequantized lazily, tensor by tensor (a note on stderr
