@@ -66,8 +66,8 @@ def check_exportable(cfg: ModelConfig) -> str:
     arch = ARCH_OF_FAMILY.get(cfg.family)
     if arch is None:
         raise UnsupportedError(f"GGUF export supports the families {', '.join(ARCH_OF_FAMILY)}; got {cfg.family!r}")
-    if arch != "gemma3" and abs(cfg.query_scale - cfg.head_dim ** -0.5) > 1e-9:
-        raise UnsupportedError(f"GGUF export: a query scale of {cfg.query_scale} (not head_dim ** -0.5) has no "
+    if abs(cfg.query_scale - cfg.head_dim ** -0.5) > 1e-9:  # llama.cpp scales queries by head_dim ** -0.5
+        raise UnsupportedError(f"GGUF export: a query scale of {cfg.query_scale:.6g} (not head_dim ** -0.5) has no "
                                f"{arch} GGUF key")
     if arch == "gemma3":
         expected = ["sliding_attention" if (i + 1) % SLIDING_PATTERN else "full_attention" for i in range(cfg.n_layers)]
