@@ -188,6 +188,42 @@ def test_every_shape_runs_in_llama_cpp_as_in_slmkit(family, small_tokenizer, tmp
     assert agreement >= TOP1_MIN, (family, agreement, np.abs(ref - ours).max())
 
 
+def test_sentencepiece_tokenizer_converts_for_llama_cpp(tmp_path):
+    """Gemma 3's real SentencePiece vocabulary, from a Hugging Face folder (tokenizer.json, no GGUF to copy
+    from), on a tiny Gemma body: llama.cpp tokenizes as slmkit does and agrees on the top-1 tokens."""
+    from slmkit.formats.registry import REGISTRY, locate
+    from slmkit.tokenizer import Tokenizer
+
+    path = locate(REGISTRY["gemma3-270m"])
+    if path is None:
+        pytest.skip("gemma3-270m is not installed (make install-test installs it)")
+    tok = Tokenizer.from_gguf(path)
+    tok.save(tmp_path / "tokenizer")
+    folder = tmp_path / "gemma"
+    cfg = transformers.Gemma3TextConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, head_dim=32,
+                                        num_key_value_heads=2, intermediate_size=96, vocab_size=tok.vocab_size,
+                                        max_position_embeddings=128, sliding_window=8, query_pre_attn_scalar=32,
+                                        layer_types=["sliding_attention"] * 2, bos_token_id=tok.bos_id,
+                                        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.save_pretrained(folder)
+    tok.save(folder)
+    lm = slmkit.load(folder)
+    out = lm.export_gguf(tmp_path / "gemma.gguf", quant="f16", progress=False)
+    meta = GGUFFile(out).metadata
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is False
+    llm = open_llama(str(out), n_ctx=128, verbose=False, n_threads=1, vocab_only=True)
+    for text in ["Hello world", "  two  spaces and\nnew lines\n\n", "Ünïcödé 数学 1234567 🙂",
+                 "<start_of_turn>user\nhi<end_of_turn>"]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text), text
+    agreement, _, _ = llama_agreement(out, tok.encode("We the people of the United States, in order to form " * 3))
+    assert agreement >= TOP1_MIN, agreement
+
+
 def test_q_k_permutation_round_trips():
     w = torch.randn(4 * 16, 24)
     assert torch.equal(unpermute_qk(permute_qk(w, 4), 4), w)
