@@ -51,6 +51,26 @@ class CausalLMLoss(nn.Module):
         return F.cross_entropy(logits.float(), labels, reduction="sum"), count
 
 
+class PrefixLMLoss(nn.Module):
+    """The causal LM loss of a prefix LM (UL2's S-denoiser, UL2R): each row's first ``prefix_len`` tokens attend
+    to each other in both directions, the rest causally; labels of -100 (the prefix) carry no loss."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, prefix_len: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        from .denoisers import prefix_lm_mask
+
+        mask = prefix_lm_mask(prefix_len, input_ids.shape[1])
+        hidden = self.model.features(input_ids, attn_mask=mask).flatten(0, 1)
+        labels = labels.flatten()
+        keep = labels != IGNORE
+        logits = self.model.head(hidden[keep])
+        return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), keep.sum()
+
+
 class DistillationLoss(nn.Module):
     """Token-level knowledge distillation (Hinton et al. 2015) for causal LMs:
     ``alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(labels)`` summed over the target
