@@ -356,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "fine-tunes, and speculative decoding", "--set eval.answers=10"),
         "lad": ("length-adaptive distillation: students distilled under token pruning against distil-then-prune, "
                 "searched length configurations, accuracy / FLOPs / latency", "--set search.iterations=3"),
+        "ul2r": ("UL2R: a converged causal LM continued on UL2's mixture of denoisers as a prefix LM, against the "
+                 "same extra tokens of causal LM", "--set fraction=0.001"),
     }
     for name, (summary, example) in experiments.items():
         p = sub.add_parser(name, help=summary)

@@ -21,9 +21,11 @@ from .task import Task, load_task
 def evaluate(model, tasks: Sequence[str | Task], *, limit: int | None = None, num_fewshot: int | None = None,
              batch_size: int = 16, seed: int = 1234, max_length: int | None = None,
              data_dir: str | Path | None = None, output: str | Path | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, prefix_lm: bool = False, lead: str | None = None) -> dict[str, Any]:
     """Score ``tasks`` (names, YAML paths or Task objects) on ``model`` (an ``slmkit.LM`` or a name/path
-    for ``slmkit.load``). Returns ``{"config", "results", "samples"}``; with ``output`` also writes it."""
+    for ``slmkit.load``). Returns ``{"config", "results", "samples"}``; with ``output`` also writes it.
+    ``prefix_lm``: contexts attended in both directions (a UL2R model); ``lead``: a token put before each
+    context (its mode token, e.g. ``[S2S]``)."""
     loaded = check_inputs(tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
                           data_dir=data_dir, output=output)
     if isinstance(model, (str, Path)):
@@ -31,12 +33,13 @@ def evaluate(model, tasks: Sequence[str | Task], *, limit: int | None = None, nu
         model = load(model)
     names = [t.name for t in loaded]
     evaluator = Evaluator(model, batch_size=batch_size, max_length=max_length, seed=seed, data_dir=data_dir,
-                          progress=progress)
+                          progress=progress, prefix_lm=prefix_lm, lead=lead)
     report: dict[str, Any] = {
         "config": {"model": model.source, "dtype": str(model.model.dtype).replace("torch.", ""),
                    "quant": getattr(model.model, "quant", "none"),  # encoders have no compact form
                    "tasks": names, "limit": limit, "num_fewshot": num_fewshot,
                    "batch_size": batch_size, "seed": seed, "max_length": evaluator.max_length,
+                   "prefix_lm": prefix_lm, "lead": lead,
                    "data_dir": str(data_dir) if data_dir else os.environ.get("SLMKIT_DATA"),
                    "slmkit": __version__, "python": platform.python_version()},
         "results": {}, "samples": {},

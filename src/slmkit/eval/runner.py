@@ -28,7 +28,8 @@ class Evaluator:
     """Scores tasks on one loaded model (an ``slmkit.LM``)."""
 
     def __init__(self, lm, *, batch_size: int = 16, max_length: int | None = None, seed: int = 1234,
-                 data_dir: str | Path | None = None, add_bos: bool | None = None, progress: bool = True):
+                 data_dir: str | Path | None = None, add_bos: bool | None = None, progress: bool = True,
+                 prefix_lm: bool = False, lead: str | None = None):
         if batch_size < 1:
             raise SlmError(f"batch size must be >= 1, got {batch_size}")
         self.lm, self.tok = lm, lm.tokenizer
@@ -41,6 +42,14 @@ class Evaluator:
         bos, eos = self.tok.bos_id, self.tok.eos_id
         self.prefix_token = bos if bos is not None else eos  # context of an empty prompt
         self.pad_id = self.tok.pad_id if self.tok.pad_id is not None else (eos or 0)
+        # a prefix LM (UL2R) reads each context in both directions, after a mode token such as [S2S]
+        self.prefix_lm = prefix_lm
+        self.lead_ids: list[int] = []
+        if lead:
+            index = self.tok.token_to_id(lead)
+            if index is None:
+                raise SlmError(f"lead token {lead!r} is not in the model's vocabulary")
+            self.lead_ids = [index]
 
     # -------------------------------------------------------------- tokens
     def encode(self, text: str) -> list[int]:
@@ -140,8 +149,7 @@ class Evaluator:
             pairs = [self.encode_pair(context, task.target_delimiter + c) for c in choices]
             groups.append(Group(pairs[0][0], [x for _, x in pairs]))  # one context, every choice after it
             meta.append((i, choices, gold, 1))
-        scores = score_groups(self.lm.model, groups, self.batch_size, self.max_length, self.pad_id,
-                              self._desc(task))
+        scores = self._score_contexts(groups, task)
         samples, at = [], 0
         for i, choices, gold, n_groups in meta:
             flat = [s for g in scores[at:at + n_groups] for s in g]
@@ -157,6 +165,11 @@ class Evaluator:
                 "acc": float(pred == gold), "acc_norm": float(pred_norm == gold),
             })
         return samples
+
+    def _score_contexts(self, groups: list[Group], task: Task):
+        groups = [Group(self.lead_ids + g.context, g.continuations) for g in groups] if self.lead_ids else groups
+        return score_groups(self.lm.model, groups, self.batch_size, self.max_length, self.pad_id, self._desc(task),
+                            bidirectional_context=self.prefix_lm)
 
     def _head(self, task: Task, docs: list[dict]) -> list[dict]:
         """An encoder's classification head: logit j scores choice j (a label's index is its choice's)."""
@@ -180,8 +193,7 @@ class Evaluator:
             ctx, cont = self.encode_pair(prefix + task.prompt_text(doc), target)
             groups.append(Group(ctx, [cont]))
             targets.append(target)
-        scores = score_groups(self.lm.model, groups, self.batch_size, self.max_length, self.pad_id,
-                              self._desc(task))
+        scores = self._score_contexts(groups, task)
         return [{"index": i, "target": targets[i], "logprob": s[0].logprob, "greedy": s[0].greedy,
                  "tokens": s[0].tokens} for i, s in enumerate(scores)]
 

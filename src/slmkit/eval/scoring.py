@@ -64,8 +64,9 @@ def _rows(groups: list[Group], max_length: int) -> list[_Row]:
     return rows
 
 
-def _pack(rows: list[_Row], pad_id: int):
-    """Token ids, RoPE positions, attention mask, and per continuation token (row, predictor slot, target)."""
+def _pack(rows: list[_Row], pad_id: int, bidirectional_context: bool = False):
+    """Token ids, RoPE positions, attention mask, and per continuation token (row, predictor slot, target).
+    ``bidirectional_context``: the context's tokens see each other in both directions (a prefix LM)."""
     t = max(len(r) for r in rows)
     b = len(rows)
     ids = torch.full((b, t), pad_id, dtype=torch.long)
@@ -90,14 +91,18 @@ def _pack(rows: list[_Row], pad_id: int):
     causal = q[None, :] <= q[:, None]
     seg_q, seg_k = segment[:, :, None], segment[:, None, :]
     mask = causal[None] & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    if bidirectional_context:
+        mask |= (seg_q == 0) & (seg_k == 0)
     mask |= torch.eye(t, dtype=torch.bool)[None]  # padding slots see themselves (no all-masked rows)
     return ids, positions, mask, picks
 
 
 @torch.inference_mode()
 def score_groups(model, groups: list[Group], batch_size: int = 16, max_length: int | None = None,
-                 pad_id: int = 0, progress: str | None = None) -> list[list[Score]]:
-    """Scores for every continuation of every group, in input order."""
+                 pad_id: int = 0, progress: str | None = None, bidirectional_context: bool = False
+                 ) -> list[list[Score]]:
+    """Scores for every continuation of every group, in input order. ``bidirectional_context``: score as a
+    prefix LM (UL2R), the context attended in both directions, the continuation causally."""
     max_length = max_length or model.cfg.max_position_embeddings
     rows = _rows(groups, max_length)
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))  # longest first: padding stays small
@@ -105,7 +110,7 @@ def score_groups(model, groups: list[Group], batch_size: int = 16, max_length: i
     bar = tqdm(total=len(rows), desc=progress, unit="seq", disable=progress is None, leave=False)
     for start in range(0, len(order), batch_size):
         batch = [rows[i] for i in order[start:start + batch_size]]
-        ids, positions, mask, picks = _pack(batch, pad_id)
+        ids, positions, mask, picks = _pack(batch, pad_id, bidirectional_context)
         dev = model.device
         hidden = model.features(ids.to(dev), positions.to(dev), attn_mask=mask.to(dev))
         r_idx = torch.tensor([p[0] for p in picks], device=dev)
