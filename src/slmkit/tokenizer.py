@@ -174,6 +174,42 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Every token id's bytes, as they appear in generated text; None for special tokens.
+
+        Byte-level BPE tokens map back through GPT-2's byte alphabet (a token may hold part of a UTF-8
+        character); SentencePiece pieces turn ``▁`` into a space and ``<0xHH>`` into that byte; other
+        tokens are decoded alone (None where that gives half a character). Computed once, then cached.
+        """
+        cached = getattr(self, "_token_bytes_cache", None)
+        if cached is not None:
+            return cached
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        added = self._tok.get_added_tokens_decoder()
+        out: list[bytes | None] = []
+        for i in range(self.vocab_size):
+            token = self._tok.id_to_token(i)
+            data: bytes | None = None
+            if i in added:
+                text = None if added[i].special else self._tok.decode([i], skip_special_tokens=False)
+                data = text.encode("utf-8") if text and "\ufffd" not in text else None
+            elif token is None:
+                data = None
+            elif "ByteLevel" in kinds:
+                data = bytes(byte_of[c] for c in token) if all(c in byte_of for c in token) else None
+            elif "ByteFallback" in kinds and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                data = bytes([int(token[3:5], 16)])
+            elif "Replace" in kinds or "Metaspace" in kinds:
+                data = token.replace("\u2581", " ").encode("utf-8")
+            else:
+                text = self._tok.decode([i], skip_special_tokens=False)
+                data = text.encode("utf-8") if "\ufffd" not in text else None
+            out.append(data or None)
+        self._token_bytes_cache = out
+        return out
+
     def incremental_decoder(self, skip_special_tokens: bool = False) -> "IncrementalDecoder":
         return IncrementalDecoder(self, skip_special_tokens)
 

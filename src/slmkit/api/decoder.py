@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..config import ModelConfig
+from ..engine.constrain import ConstraintCache
 from ..engine.generate import Completion, TextEvent, generate, iter_generate
 from ..engine.prompt_cache import PromptCache
 from ..engine.sampling import SamplingParams
@@ -34,10 +35,27 @@ class LM:
         self.model, self.tokenizer, self.source = model, tokenizer, source
         self.config: ModelConfig = model.cfg
         self.tensor_types = tensor_types  # tensor name -> storage type in the source file
+        self.constraints = ConstraintCache()  # compiled regex / JSON schema constraints, by their text
 
     # ------------------------------------------------------------ generation
-    def _params(self, **kw) -> SamplingParams:
-        return SamplingParams(**kw)
+    def _params(self, regex: str | None = None, json_schema=None, response_format=None, **kw) -> SamplingParams:
+        """Sampling parameters from the keywords every generation method takes; ``regex=``, ``json_schema=`` or
+        ``response_format=`` (OpenAI's shape) constrain the output (see engine.constrain), through a logits
+        processor made for this call and run after any given in ``logits_processors``."""
+        params = SamplingParams(**kw)
+        given = [name for name, value in (("regex", regex), ("json_schema", json_schema),
+                                          ("response_format", response_format)) if value is not None]
+        if len(given) > 1:
+            raise SlmError(f"give one of regex=, json_schema=, response_format=, not {' and '.join(given)}")
+        if regex is not None:
+            constraint = self.constraints.regex(regex)
+        elif json_schema is not None:
+            constraint = self.constraints.json_schema(json_schema)
+        else:
+            constraint = self.constraints.response_format(response_format)
+        if constraint is not None:
+            params.logits_processors += (constraint.processor(self.tokenizer, self.eos_ids),)
+        return params
 
     @property
     def eos_ids(self) -> set[int]:
@@ -55,7 +73,9 @@ class LM:
                         self.eos_ids, prompt_cache=prompt_cache)
 
     def generate(self, prompt: str | Sequence[str], **sampling) -> str | list[str]:
-        """Continue ``prompt`` (or each of a list of prompts, batched with left padding)."""
+        """Continue ``prompt`` (or each of a list of prompts, batched with left padding). Every generation
+        method takes the sampling keywords (``max_new_tokens``, ``temperature``, ...) and ``regex=`` /
+        ``json_schema=`` / ``response_format=`` to constrain the output."""
         single = isinstance(prompt, str)
         done = self.complete([prompt] if single else list(prompt), **sampling)
         return done[0].text if single else [c.text for c in done]

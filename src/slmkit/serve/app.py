@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.batcher import Batcher, Event, QueueFull, Sequence
+from ..engine.constrain import ConstraintCache
 from ..engine.sampling import SamplingParams, make_generator, next_tokens
 from ..errors import ContextLengthError, SlmError
 from .protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, Options, TokenizeRequest, error,
@@ -97,6 +98,7 @@ class Server:
         self.stats = Stats()
         self.created = int(time.time())
         self.quantization = lm.model.quant
+        self.constraints = ConstraintCache()  # response_format constraints, compiled once per schema
 
     # ------------------------------------------------------------- helpers
     def check_model(self, name: str) -> None:
@@ -123,8 +125,12 @@ class Server:
 
     def sampling(self, opts: Options, max_tokens: int, j: int) -> SamplingParams:
         seed = None if opts.seed is None else opts.seed + j  # n > 1: different, still reproducible, choices
+        # response_format: compiled once (cached by its text), a processor of its own for every sequence; an
+        # unsupported schema is an UnsupportedError (an SlmError), answered as 400 naming the feature
+        constraint = self.constraints.response_format(opts.response_format)
+        processors = () if constraint is None else (constraint.processor(self.tok, self.lm.eos_ids),)
         return SamplingParams(max_new_tokens=max_tokens, temperature=opts.temperature, top_p=opts.top_p,
-                              seed=seed, stop=opts.stops())  # a bad value: SlmError, answered as 400
+                              seed=seed, stop=opts.stops(), logits_processors=processors)  # bad value: 400
 
     def token_text(self, token: int) -> str:
         return self.tok.decode([token])
@@ -170,7 +176,7 @@ class Server:
         choices = []
         for i, (ids, (lps, tops, last)) in enumerate(zip(prompts, scored)):
             params = self.sampling(body, 1, 0)
-            token = int(next_tokens(last[None], params, None, make_generator(params, last.device))[0])
+            token = int(next_tokens(last[None], params, None, make_generator(params, last.device), [ids])[0])
             lp_all = torch.log_softmax(last, -1)
             top = {}
             if body.logprobs:

@@ -23,6 +23,7 @@ class Options(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens even past end-of-sequence
+    response_format: dict | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
 
     def stops(self) -> list[str]:
         if self.stop is None:
