@@ -28,32 +28,13 @@ from .gguf import GGUFFile
 from .gguf_quantize import block_size, quantize
 from .gguf_tokenizer import copied_tokenizer_metadata, tokenizer_metadata
 from .gguf_write import FLOAT32, UINT32, TensorEntry, Typed, write_gguf
+from .keys import slm_to_gguf
 
 QUANTS = ("f16", "q8_0", "q4_0", "q4_k_m")
 FILE_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15}  # llama_ftype, general.file_type
 ARCH_OF_FAMILY = {"llama": "llama", "qwen2": "qwen2", "phi": "phi2", "gemma3_text": "gemma3"}
 SLIDING_PATTERN = 6  # llama.cpp's Gemma 3: every 6th layer global, the others sliding-window
 FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
-
-_LAYER_NAMES = {
-    "attn_norm": "attn_norm", "attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v",
-    "attn.o": "attn_output", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm",
-    "post_attn_norm": "post_attention_norm", "ffn_norm": "ffn_norm", "mlp.gate": "ffn_gate",
-    "mlp.up": "ffn_up", "mlp.down": "ffn_down", "post_ffn_norm": "post_ffw_norm",
-}
-_TOP_NAMES = {"embed": "token_embd", "norm": "output_norm", "lm_head": "output"}
-
-
-def gguf_name(key: str) -> str | None:
-    """The GGUF tensor name of an slmkit key (``layers.3.attn.q.weight`` -> ``blk.3.attn_q.weight``)."""
-    stem, _, kind = key.rpartition(".")
-    if stem.startswith("layers."):
-        _, layer, part = stem.split(".", 2)
-        mapped = _LAYER_NAMES.get(part)
-        return None if mapped is None else f"blk.{layer}.{mapped}.{kind}"
-    mapped = _TOP_NAMES.get(stem)
-    return None if mapped is None else f"{mapped}.{kind}"
-
 
 def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """llama.cpp's Q/K permutation (rotate-half pairs -> interleaved pairs); ``unpermute_qk`` undoes it."""
@@ -174,7 +155,7 @@ def export_gguf(lm, path: str | Path, quant: str = "f16", name: str | None = Non
     for key in weights.keys():
         if cfg.tie_word_embeddings and key == "lm_head.weight":
             continue
-        target = gguf_name(key)
+        target = slm_to_gguf(key)
         if target is None:
             raise UnsupportedError(f"GGUF export: no GGUF name for the weight {key!r}")
         shape = tuple(weights[key].shape)

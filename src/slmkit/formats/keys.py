@@ -88,3 +88,19 @@ def gguf_to_slm(name: str) -> str | None:
     stem, _, kind = name.rpartition(".")
     mapped = _GGUF_TOP.get(stem)
     return None if mapped is None else f"{mapped}.{kind}"
+
+
+_SLM_LAYER = {slm: gguf for gguf, slm in _GGUF_LAYER.items()}
+_SLM_TOP = {slm: gguf for gguf, slm in _GGUF_TOP.items()}
+
+
+def slm_to_gguf(key: str) -> str | None:
+    """The GGUF tensor name of an slmkit key (``layers.3.attn.q.weight`` -> ``blk.3.attn_q.weight``), the inverse
+    of :func:`gguf_to_slm`; None for a key GGUF has no name for."""
+    stem, _, kind = key.rpartition(".")
+    if stem.startswith("layers."):
+        _, layer, part = stem.split(".", 2)
+        mapped = _SLM_LAYER.get(part)
+        return None if mapped is None else f"blk.{layer}.{mapped}.{kind}"
+    mapped = _SLM_TOP.get(stem)
+    return None if mapped is None else f"{mapped}.{kind}"
