@@ -19,7 +19,7 @@ import yaml
 from slmkit.errors import SlmError
 from slmkit.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from slmkit.train.config import config_from_dict, load_config
-from slmkit.train.metrics import read_metrics
+from slmkit.train.metrics import COLUMNS, read_metrics
 from slmkit.train.schedule import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +168,18 @@ def test_resume_after_sigkill_gives_the_same_losses(prepared, tmp_path):
     assert result.returncode == 0, result.stderr
     np.testing.assert_allclose(losses(killed_out), losses(tmp_path / "straight"), atol=1e-5, rtol=0)
     assert len(losses(killed_out)) == steps
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over_without_resume(prepared, tmp_path):
+    """The killed run left metrics.csv rows (its step-0 evaluation and a few steps) but no checkpoint."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.csv").write_text(",".join(COLUMNS) + "\n0,0,,,,,9.9,1.0\n1,512,9.8,0.001,1.0,100.0,,2.0\n")
+    config = write_config(tmp_path / "c.yaml", prepared, out, max_steps=4, save_every=4, eval_every=4)
+    result = slm("pretrain", str(config))
+    assert result.returncode == 0, result.stderr
+    assert len(losses(out)) == 4
+    assert read_metrics(out / "metrics.csv")[0]["val_loss"] != 9.9  # the old rows are gone
 
 
 # ---------------------------------------------------------------- distributed

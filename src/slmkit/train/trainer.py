@@ -343,7 +343,8 @@ class Trainer:
             raise SlmError(f"{self.out} already holds checkpoints of a run: pass --resume to continue it, or "
                            f"choose another out_dir")
         start, tokens_seen = self._resume() if resume else (0, 0)
-        logger = MetricsLogger(self.out, resume_step=start) if self.d.main else None
+        # A fresh run starts a new metrics.csv even over the rows of one killed before its first checkpoint.
+        logger = MetricsLogger(self.out, resume_step=start if resume else None) if self.d.main else None
         self._keep_evaluations_up_to(start)
         self._train_mode()
         bar = tqdm(total=self.steps, initial=start, unit="step", dynamic_ncols=True,
