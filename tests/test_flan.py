@@ -119,6 +119,8 @@ def test_bad_inputs_name_the_problem(shared_data, tmp_path):
     with pytest.raises(SlmError, match="no PATTERNS"):
         (tmp_path / "t.py").write_text("X = 1\n")
         load_patterns(tmp_path / "t.py")
+    with pytest.raises(SlmError, match=r"flan.total must be >= 1, got 0"):
+        build_mixture(MixtureConfig(total=0), shared_data)
     with pytest.raises(SlmError, match="formats"):
         build_mixture(MixtureConfig(formats={"zs": 1.0}), shared_data)
 

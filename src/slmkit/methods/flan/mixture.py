@@ -107,19 +107,24 @@ def build_mixture(cfg: MixtureConfig, data_dir: str | Path, exclude: dict[str, s
     bad = sorted(set(cfg.formats) - set(FORMATS))
     if bad or not cfg.formats or any(w < 0 for w in cfg.formats.values()) or sum(cfg.formats.values()) <= 0:
         raise SlmError(f"flan.formats: weights over {', '.join(FORMATS)}, not all zero (got {cfg.formats})")
+    for name in ("total", "cap", "max_rate"):
+        if getattr(cfg, name) < 1:
+            raise SlmError(f"flan.{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.fewshot < 0:
+        raise SlmError(f"flan.fewshot must be >= 0, got {cfg.fewshot}")
     if not 0 <= cfg.cot_rate <= 1:
         raise SlmError(f"flan.cot_rate must be within [0, 1], got {cfg.cot_rate}")
     data_dir = Path(data_dir)
     plain = trained_sources(cfg)
     cot = list(cfg.cot_sources) if cfg.cot_rate > 0 else []
-    if not plain and cot != cfg.cot_sources:
+    if not plain and not cot:
         raise SlmError("the FLAN mixture has no training source left after the held-out clusters")
     examples = load_examples(cfg, plain + cot, data_dir)
     for name, texts in (exclude or {}).items():
         if name in examples:
             examples[name] = [e for e in examples[name] if _key_text(e) not in texts]
     counts: dict[str, int] = {}
-    n_cot = round(cfg.total * cfg.cot_rate) if cot else 0
+    n_cot = (round(cfg.total * cfg.cot_rate) if plain else cfg.total) if cot else 0
     if plain:
         counts |= quotas(mixing_rates({n: len(examples[n]) for n in plain}, cfg.cap, cfg.max_rate),
                          cfg.total - n_cot)
@@ -141,8 +146,7 @@ def build_mixture(cfg: MixtureConfig, data_dir: str | Path, exclude: dict[str, s
             if fmt.startswith("fs") and len(pool) > 1:
                 exemplars = [e for e in rng.sample(pool, min(cfg.fewshot + 1, len(pool))) if e is not example]
                 exemplars = exemplars[: cfg.fewshot]
-            options = fmt.endswith("opt") and not fmt.endswith("noopt")
-            source_text, target = render(template, example, options=options, exemplars=exemplars)
+            source_text, target = render(template, example, options=not fmt.endswith("noopt"), exemplars=exemplars)
             records.append({"input": source_text, "target": target,
                             "messages": [{"role": "user", "content": source_text},
                                          {"role": "assistant", "content": target}],

@@ -10,13 +10,13 @@ A file in the same format elsewhere works: ``read_source(name, path)``.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ...errors import SlmError
+from ...train.common import json_records
 
 NLI_OPTIONS = {"rte": ["yes", "no"], "cb": ["Yes", "No", "It's impossible to say"],
                "snli": ["yes", "it is not possible to tell", "no"]}
@@ -42,15 +42,7 @@ class Source:
 
 # ---------------------------------------------------------------- readers
 def _jsonl(path: Path) -> list[dict]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SlmError(f"{path}, line {n}: not JSON ({e.msg})") from None
-    return out
+    return [record for _, _, record in json_records(path, "FLAN examples")]
 
 
 def _lines(path: Path, encoding: str = "utf-8") -> list[tuple[int, str]]:
@@ -165,8 +157,10 @@ def read_hellaswag(path: Path, name: str) -> list[dict]:
     """``{ctx, endings[4], label}`` (the converted HellaSwag validation file)."""
     out = []
     for n, r in enumerate(_jsonl(path), 1):
-        endings = [str(e) for e in _field(path, n, r, "endings")]
-        label = int(_field(path, n, r, "label"))
+        endings, label = _field(path, n, r, "endings"), _field(path, n, r, "label")
+        if not isinstance(endings, list) or str(label) not in {str(i) for i in range(len(endings))}:
+            raise SlmError(f"{path}, record {n}: 'endings' must be a list and 'label' an index into it")
+        endings, label = [str(e) for e in endings], int(label)
         out.append({"context": str(_field(path, n, r, "ctx")), "options": endings, "answer": endings[label]})
     return out
 
